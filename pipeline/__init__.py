@@ -1,0 +1,1 @@
+"""Lumbar disc geometry and latent shape codes from spine MRI, distributed on Ray."""

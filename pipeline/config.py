@@ -1,0 +1,178 @@
+"""One typed configuration with named presets; any field can be overridden as `section.field=value`.
+
+The config is written next to every run's outputs so any table can be traced to its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SyntheticConfig:
+    patients: int = 24
+    seed: int = 0
+    label_noise: float = 0.1
+    sequences: tuple[str, ...] = ("t1", "t2")
+
+
+@dataclass
+class SegmentationConfig:
+    model: str = "unet"  # "unet" (CPU demo) | "swinunetr" (paper, SwinUNETR-V2)
+    feature_size: int = 48  # SwinUNETR only; must be divisible by 12
+    unet_channels: tuple[int, ...] = (8, 16, 32, 64)
+    target_spacing_mm: tuple[float, float, float] = (1.4, 1.2, 1.5)  # LR, AP, SI (RAS order)
+    roi_size: tuple[int, int, int] = (64, 64, 64)  # training crops and sliding window, voxels
+    epochs: int = 200
+    patience: int = 15
+    batch_size: int = 4
+    crops_per_volume: int = 2
+    lr: float = 1e-3
+    val_fraction: float = 0.2  # used only when the cohort has no `subset` column
+    num_workers: int = 0  # 0: as many as the cluster can hold
+    inference_batch_size: int = 1
+    inference_overlap: float = 0.25
+
+
+@dataclass
+class DiscConfig:
+    cube_size: int = 64
+    cube_spacing_mm: float = 1.25  # isotropic spacing of the per-disc cube
+    min_component_mm3: float = 200.0  # predicted components smaller than this are specks
+
+
+@dataclass
+class AutoencoderConfig:
+    channels: tuple[int, ...] = (32, 64, 128, 256, 512)
+    bottleneck: int = 4
+    lr: float = 1e-3
+    batch_size: int = 4
+    max_epochs: int = 1000
+    iou_target: float = 0.995
+    train_splits: tuple[str, ...] = ("train",)
+    num_workers: int = 1
+
+
+@dataclass
+class SweepConfig:
+    bottlenecks: tuple[int, ...] = (64, 8, 4, 3)
+    max_epochs: int = 1000
+    early_stop: bool = True  # stop trials whose IoU plateaus far below the target
+    nested_train: bool = False  # each trial a TorchTrainer (clusters) vs a plain loop (laptops)
+
+
+@dataclass
+class ClassifyConfig:
+    targets: tuple[str, ...] = ("disc_bulging", "disc_narrowing")
+    folds: int = 5
+    repeats: int = 3
+    n_estimators: int = 200
+    max_depth: int = 3
+    learning_rate: float = 0.1
+    bootstrap: int = 1000
+
+
+@dataclass
+class Config:
+    preset: str = "paper"
+    seed: int = 0
+    sequence: str = "t1"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    discs: DiscConfig = field(default_factory=DiscConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def section_json(self, *names: str) -> str:
+        """A stable text of some sections, for deciding whether a stage's result is stale."""
+        return json.dumps({n: dataclasses.asdict(getattr(self, n)) if dataclasses.is_dataclass(
+            getattr(self, n)) else getattr(self, n) for n in names}, sort_keys=True)
+
+
+def paper() -> Config:
+    """The published method's settings: SPIDER T1, SwinUNETR-V2, 64³ cubes. For a GPU cluster."""
+    return Config(
+        preset="paper",
+        segmentation=SegmentationConfig(model="swinunetr", roi_size=(96, 96, 96)),
+    )
+
+
+def demo() -> Config:
+    """Small enough to run end to end on a 2-core laptop in minutes, on the synthetic cohort."""
+    return Config(
+        preset="demo",
+        segmentation=SegmentationConfig(
+            model="unet",
+            target_spacing_mm=(2.0, 2.0, 2.0),
+            roi_size=(32, 64, 64),
+            epochs=30,
+            patience=8,
+            batch_size=2,
+            crops_per_volume=2,
+        ),
+        discs=DiscConfig(cube_size=32, cube_spacing_mm=2.5),
+        autoencoder=AutoencoderConfig(
+            channels=(16, 32, 64, 128), batch_size=8, max_epochs=150, lr=2e-3
+        ),
+        sweep=SweepConfig(bottlenecks=(8, 4, 3), max_epochs=150),
+        classify=ClassifyConfig(repeats=3, bootstrap=500),
+    )
+
+
+PRESETS = {"demo": demo, "paper": paper}
+
+
+def _coerce(value: str, target: typing.Any):
+    origin = typing.get_origin(target)
+    if target is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    if origin is tuple:
+        item = typing.get_args(target)[0]
+        parts = [p for p in value.strip("()[] ").split(",") if p.strip()]
+        return tuple(_coerce(p.strip(), item) for p in parts)
+    if target in (int, float, str):
+        return target(value)
+    raise ValueError(f"cannot set a field of type {target}")
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` (or `field=value` for top-level fields) overrides in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        *path, name = key.strip().split(".")
+        target = config
+        for part in path:
+            if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
+                raise ValueError(f"unknown config section {part!r} in {item!r}")
+            target = getattr(target, part)
+        hints = typing.get_type_hints(type(target))
+        if name not in hints:
+            known = ", ".join(sorted(hints))
+            raise ValueError(f"unknown config field {key!r}; {type(target).__name__} has: {known}")
+        try:
+            setattr(target, name, _coerce(value, hints[name]))
+        except ValueError as err:
+            raise ValueError(f"bad value for {key}: {err}") from err
+    return config
+
+
+def load(preset: str = "demo", overrides: list[str] | None = None) -> Config:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return apply_overrides(PRESETS[preset](), overrides or [])

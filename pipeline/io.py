@@ -1,0 +1,148 @@
+"""Read and write `.mha`, `.nii` and `.nii.gz` volumes as canonical RAS arrays.
+
+This is the only module that touches direction matrices or affines. Every array it returns has
+axis 0 pointing Right, axis 1 Anterior and axis 2 Superior, with the spacing in mm in the same
+order; a `Header` keeps what is needed to write a result back in the file's own orientation.
+Oblique directions are snapped to the nearest axes (no resampling), as TorchIO's ToCanonical does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import nibabel.orientations as nio
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline import storage
+
+SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+@dataclass(frozen=True)
+class Header:
+    """Where a stored volume sits in space.
+
+    `affine` maps stored (x, y, z) voxel indices to RAS mm; `ornt` is nibabel's orientation of the
+    stored axes relative to RAS (what `read_volume` applied to reach canonical RAS).
+    """
+
+    affine: np.ndarray
+    stored_shape: tuple[int, int, int]
+
+    @property
+    def ornt(self) -> np.ndarray:
+        return nio.io_orientation(self.affine)
+
+    @property
+    def axcodes(self) -> str:
+        return "".join(nio.aff2axcodes(self.affine))
+
+    @property
+    def ras_affine(self) -> np.ndarray:
+        """Affine of the canonical RAS array: voxel index -> RAS mm."""
+        return self.affine @ nio.inv_ornt_aff(self.ornt, self.stored_shape)
+
+
+@dataclass(frozen=True)
+class Volume:
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    header: Header
+
+
+def _suffix(path: str) -> str:
+    name = PurePosixPath(str(path)).name.lower()
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+
+
+def make_header(
+    ras_shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    axcodes: str = "LPS",
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> Header:
+    """A header that stores a RAS array with its index axes pointing along `axcodes`.
+
+    `axcodes="LPS"` is ITK's identity direction, the way SPIDER stores its volumes.
+    """
+    target = nio.axcodes2ornt(tuple(axcodes))
+    to_stored = nio.ornt_transform(_RAS, target)
+    stored_shape = tuple(int(s) for s in np.asarray(ras_shape)[to_stored[:, 0].astype(int).argsort()])
+    stored_spacing = np.empty(3)
+    for ras_axis, (stored_axis, _flip) in enumerate(to_stored):
+        stored_spacing[int(stored_axis)] = spacing[ras_axis]
+    rotation = np.zeros((3, 3))
+    for stored_axis, (ras_axis, sign) in enumerate(target):
+        rotation[int(ras_axis), stored_axis] = sign * stored_spacing[stored_axis]
+    affine = np.eye(4)
+    affine[:3, :3] = rotation
+    affine[:3, 3] = origin
+    return Header(affine=affine, stored_shape=stored_shape)
+
+
+def read_volume(path: str) -> Volume:
+    """Read a volume from a local path or URI into canonical RAS.
+
+    Raises ValueError naming the file for anything that is not a readable 3D image with a
+    positive, finite spacing.
+    """
+    suffix = _suffix(path)
+    try:
+        with storage.local_copy(str(path), suffix) as local:
+            image = sitk.ReadImage(local)
+    except (RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()
+        detail = next((line for line in first if "ERROR" in line or "exception" in line.lower()), "")
+        raise ValueError(f"{path}: not a readable image ({detail.strip() or type(err).__name__})") from err
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(
+            f"{path}: expected a 3D scalar volume, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components"
+        )
+    spacing = np.array(image.GetSpacing(), dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"{path}: absurd voxel spacing {tuple(spacing)} mm (must be positive)")
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = image.GetOrigin()
+    stored = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    header = Header(affine=_LPS_TO_RAS @ lps, stored_shape=tuple(int(s) for s in stored.shape))
+    ornt = header.ornt
+    ras = np.ascontiguousarray(nio.apply_orientation(stored, ornt))
+    ras_spacing = [0.0, 0.0, 0.0]
+    for stored_axis, (ras_axis, _flip) in enumerate(ornt):
+        ras_spacing[int(ras_axis)] = float(spacing[stored_axis])
+    return Volume(array=ras, spacing=tuple(ras_spacing), header=header)
+
+
+def write_volume(path: str, array: np.ndarray, header: Header) -> None:
+    """Write a canonical RAS array in the orientation `header` describes (local path or URI)."""
+    suffix = _suffix(path)
+    to_stored = nio.ornt_transform(_RAS, header.ornt)
+    stored = nio.apply_orientation(np.asarray(array), to_stored)
+    if tuple(stored.shape) != tuple(header.stored_shape):
+        raise ValueError(f"{path}: array shape {array.shape} does not match the header's grid")
+    lps = _LPS_TO_RAS @ header.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(stored.transpose(2, 1, 0)))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(d) for d in (lps[:3, :3] / spacing).ravel()))
+    image.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
+    if storage.is_uri(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = f"{tmp}/volume{suffix}"
+            sitk.WriteImage(image, local, useCompression=True)
+            storage.upload(local, path)
+    else:
+        storage.makedirs(str(PurePosixPath(storage.absolute(path)).parent))
+        sitk.WriteImage(image, str(path), useCompression=True)

@@ -1,0 +1,107 @@
+"""Local paths and URIs (s3://, gs://, file://) behind one interface, and atomic table writes.
+
+Every output goes through here so that a job writes to a laptop folder or a bucket unchanged, and
+a crash never leaves a half-written Parquet file that a later stage would read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI."""
+    base = str(base)
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base, *parts))
+
+
+def absolute(location: str) -> str:
+    """Absolute form of a local path (Ray Train storage and Ray Jobs need it); URIs unchanged."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(str(location))
+    return pafs.LocalFileSystem(), absolute(location)
+
+
+def exists(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(location: str) -> None:
+    fs, path = filesystem(location)
+    fs.create_dir(path, recursive=True)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file atomically: to a temporary name beside it, then a rename."""
+    fs, path = filesystem(location)
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+@contextlib.contextmanager
+def local_copy(location: str, suffix: str = "") -> Iterator[str]:
+    """A local file path for a location, downloading URIs to a temporary file (SimpleITK and
+    other readers only take local paths)."""
+    if not is_uri(location):
+        yield absolute(location)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "file" + suffix)
+        with open(local, "wb") as f:
+            f.write(read_bytes(location))
+        yield local
+
+
+def upload(local_path: str, location: str) -> None:
+    if is_uri(location):
+        with open(local_path, "rb") as f:
+            write_bytes(location, f.read())
+    else:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local_path, location)
+
+
+def write_table(table: pd.DataFrame | pa.Table, location: str) -> None:
+    """Write one Parquet file atomically."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(location, sink.getvalue().to_pybytes())
+
+
+def read_table(location: str, columns: list[str] | None = None) -> pd.DataFrame:
+    fs, path = filesystem(location)
+    return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()

@@ -1,0 +1,35 @@
+"""Shared fixtures: one Ray instance per test session, and the real SPIDER fixture mask."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SPIDER_MASK = SHARED / "fixtures" / "spider" / "masks" / "1_t1.mha"
+
+
+@pytest.fixture(scope="session")
+def spider_mask_path() -> Path:
+    if not SPIDER_MASK.exists():
+        pytest.fail(f"the real SPIDER fixture is missing: {SPIDER_MASK}")
+    return SPIDER_MASK
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (start-up costs about 4 s here)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from pipeline.io import make_header, read_volume, write_volume
+
+
+def centroid(array, label):
+    return np.argwhere(array == label).mean(axis=0)
+
+
+def test_real_spider_mask_reads_in_ras(spider_mask_path):
+    volume = read_volume(str(spider_mask_path))
+    assert volume.array.dtype == np.int16
+    # ITK size (50, 448, 578) with spacing (3.32, 0.625, 0.50) is LR, AP, SI already.
+    assert volume.array.shape == (50, 448, 578)
+    np.testing.assert_allclose(volume.spacing, (3.3211, 0.625, 0.5006), atol=1e-3)
+    superior = [centroid(volume.array, label)[2] for label in range(201, 208)]
+    assert all(np.diff(superior) > 0), superior
+    canal = centroid(volume.array, 100)
+    discs = np.mean([centroid(volume.array, label) for label in range(201, 208)], axis=0)
+    assert canal[1] < discs[1], "the canal must lie posterior (lower axis-1) to the discs"
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz", ".nii"])
+@pytest.mark.parametrize("axcodes", ["LPS", "PIR", "RAS", "ASL"])
+def test_round_trip_any_stored_orientation(tmp_path, suffix, axcodes):
+    rng = np.random.default_rng(0)
+    ras = rng.integers(0, 300, size=(5, 7, 9)).astype(np.int16)
+    spacing = (3.3, 0.6, 0.8)
+    path = str(tmp_path / f"vol{suffix}")
+    write_volume(path, ras, make_header(ras.shape, spacing, axcodes))
+    back = read_volume(path)
+    assert back.header.axcodes == axcodes
+    assert back.array.dtype == np.int16
+    np.testing.assert_array_equal(back.array, ras)
+    np.testing.assert_allclose(back.spacing, spacing, rtol=1e-6)
+
+
+def test_write_back_in_files_own_orientation(tmp_path):
+    ras = np.zeros((4, 6, 8), dtype=np.uint8)
+    ras[0, 0, 7] = 1  # an asymmetric marker: any flip or transpose would move it
+    header = make_header(ras.shape, (1.0, 2.0, 3.0), "PIR")
+    write_volume(str(tmp_path / "a.mha"), ras, header)
+    original = read_volume(str(tmp_path / "a.mha"))
+    write_volume(str(tmp_path / "b.mha"), original.array, original.header)
+    again = read_volume(str(tmp_path / "b.mha"))
+    np.testing.assert_array_equal(again.array, ras)
+    np.testing.assert_allclose(again.header.affine, original.header.affine)
+
+
+def test_same_voxel_same_ras_index_whatever_the_storage(tmp_path):
+    ras = np.zeros((4, 6, 8), dtype=np.uint8)
+    ras[1, 2, 3] = 1
+    found = []
+    for axcodes in ("LPS", "PIR", "SAL"):
+        path = str(tmp_path / f"{axcodes}.mha")
+        write_volume(path, ras, make_header(ras.shape, (1.0, 2.0, 3.0), axcodes))
+        found.append(tuple(np.argwhere(read_volume(path).array == 1)[0]))
+    assert found == [(1, 2, 3)] * 3
+
+
+def test_bad_files_raise_clear_errors(tmp_path):
+    junk = tmp_path / "junk.mha"
+    junk.write_text("this is not an image")
+    with pytest.raises(ValueError, match="junk.mha"):
+        read_volume(str(junk))
+    with pytest.raises(ValueError, match="unsupported file type"):
+        read_volume(str(tmp_path / "x.png"))
+    good = tmp_path / "good.mha"
+    write_volume(str(good), np.zeros((4, 4, 4), np.int16), make_header((4, 4, 4), (1, 1, 1)))
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.mha"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.mha"):
+        read_volume(str(truncated))
