@@ -105,3 +105,25 @@ def write_table(table: pd.DataFrame | pa.Table, location: str) -> None:
 def read_table(location: str, columns: list[str] | None = None) -> pd.DataFrame:
     fs, path = filesystem(location)
     return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
+
+
+@contextlib.contextmanager
+def staged_dir(location: str) -> Iterator[str]:
+    """A fresh folder to write a multi-file table into, moved into place only on success.
+
+    Ray Data's write_parquet writes a folder of files; staging it means a crash mid-write never
+    leaves a partial table where a later stage would read it.
+    """
+    fs, path = filesystem(location)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    staged = join(location.rsplit("/", 1)[0], tmp.rsplit("/", 1)[1]) if is_uri(location) else tmp
+    try:
+        yield staged
+    except BaseException:
+        fs.delete_dir_contents(tmp, missing_dir_ok=True)
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_dir(tmp)
+        raise
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    fs.move(tmp, path)

@@ -1,0 +1,81 @@
+"""Names of the tables every stage writes under `<out>/tables/`, and of their shared columns.
+
+One place for the contracts between stages, so a column renamed in one stage cannot silently
+break another. Units are in the column names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline import storage
+
+SERIES = "series.parquet"
+GRADINGS = "gradings.parquet"
+ERRORS = "errors.parquet"
+DISCS = "discs.parquet"  # a folder of Parquet files written by Ray Data
+SEGMENTATION_METRICS = "segmentation_metrics.parquet"
+LATENTS = "latents.parquet"
+SWEEP = "bottleneck_sweep.parquet"
+CLASSIFICATION = "classification.parquet"
+
+# Every per-disc row carries these keys.
+DISC_KEYS = ["patient_id", "series_id", "ivd_label", "level", "mask_source", "split"]
+
+# The published method's six "standard geometric features".
+PUBLISHED_GEOMETRY = [
+    "height_mean_mm",
+    "ap_width_mm",
+    "lateral_width_mm",
+    "sagittal_angle_deg",
+    "coronal_angle_deg",
+    "transverse_angle_deg",
+]
+# All of measure_disc's columns: the published six plus our extras.
+GEOMETRY = PUBLISHED_GEOMETRY + [
+    "height_anterior_mm",
+    "height_middle_mm",
+    "height_posterior_mm",
+    "volume_mm3",
+    "wedge_angle_deg",
+]
+# measure_bulge's columns: null for predicted masks (no vertebrae to compare with).
+BULGE = ["bulge_fraction", "bulge_max_mm"]
+
+# errors.parquet: one row per quarantined input.
+ERROR_COLUMNS = ["stage", "file", "series_id", "reason"]
+
+CUBE = "cube"  # uint8 tensor column, shape (cube_size,) * 3, RAS axis order
+
+
+def path(out: str, name: str) -> str:
+    return storage.join(out, "tables", name)
+
+
+def latent_columns(bottleneck: int) -> list[str]:
+    return [f"z{i}" for i in range(bottleneck)]
+
+
+def stack_cubes(column) -> np.ndarray:
+    """(N, S, S, S) uint8 array from a cube column read by pandas, Ray or pyarrow."""
+    import ray.data  # noqa: F401  registers Ray's tensor extension type with pyarrow
+
+    if hasattr(column, "to_numpy"):
+        array = column.to_numpy()
+        if array.dtype != object:
+            return array.astype(np.uint8, copy=False)
+        column = list(array)
+    return np.stack([np.asarray(c, dtype=np.uint8) for c in column])
+
+
+def cube_array(cubes: np.ndarray):
+    """A fixed-shape tensor column (Ray's ArrowTensorTypeV2, what Ray Data itself writes) from an
+    (N, S, S, S) array, so files written per series and by Ray Data read back the same way."""
+    from ray.data.extensions import ArrowTensorArray
+
+    return ArrowTensorArray.from_numpy(np.ascontiguousarray(cubes, dtype=np.uint8))
+
+
+def errors_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=ERROR_COLUMNS).astype({"series_id": "string"})
