@@ -53,7 +53,7 @@ def connect_ray(address: str | None) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(log_to_driver=False, configure_logging=False)
+        ray.init(address="local", log_to_driver=False, configure_logging=False)
     resources = ray.cluster_resources()
     print(f"ray: {'joined ' + address if address else 'embedded local Ray'}; "
           f"{resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs, "
