@@ -1,0 +1,242 @@
+"""Confidence intervals that respect how the data were sampled: patients, not discs or series.
+
+The discs of one spine are not independent (they share a scanner, an age, a degeneration
+pattern), so every bootstrap here resamples whole groups (patients) with replacement. A resample
+is expressed as integer weights (how many times each row's patient was drawn), which any metric
+taking `sample_weight` evaluates exactly as it would on the duplicated rows, without copying data.
+The metrics below return NaN where a resample makes them undefined (e.g. AUC with one class);
+those resamples are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+Metric = Callable[..., float]  # metric(y_true, y_score, sample_weight=None) -> float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a (1 - alpha) interval; `n` counts the units it was estimated from
+    (rows), `n_resamples` the bootstrap resamples where the statistic was defined (0 for
+    analytic intervals)."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    level: float = 0.95
+    n_resamples: int = 0
+
+    def text(self, digits: int = 2) -> str:
+        """e.g. '0.78 (95% CI 0.70 to 0.85)', with typeset minus signs."""
+        if not math.isfinite(self.value):
+            return "n/a"
+        value = fmt_value(self.value, digits)
+        if not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high)):
+            return f"{value} (no CI: too few patients or classes)"
+        return (f"{value} ({round(self.level * 100)}% CI {fmt_value(self.ci_low, digits)} to "
+                f"{fmt_value(self.ci_high, digits)})")
+
+
+def fmt_value(x: float, digits: int = 2) -> str:
+    """A number with a typeset minus sign (U+2212), as in a paper."""
+    return f"{x:.{digits}f}".replace("-", "\u2212")
+
+
+def group_bootstrap_weights(groups, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, n_rows) integer weights: resample the distinct groups with replacement; each row
+    gets the number of times its group was drawn."""
+    codes, n_groups = _group_codes(groups)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    counts = np.zeros((n_boot, n_groups), dtype=np.int64)
+    np.add.at(counts, (np.arange(n_boot)[:, None], drawn), 1)
+    return counts[:, codes]
+
+
+def bootstrap_ci(y_true, y_score, groups, metric: Metric, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95, weights: np.ndarray | None = None) -> Estimate:
+    """Percentile CI of `metric(y_true, y_score, sample_weight=w)` over group resamples.
+
+    Pass the same `weights` (from group_bootstrap_weights) to compare several predictions on
+    identical resamples.
+    """
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score)
+    value = float(metric(y_true, y_score))
+    if _n_groups(groups) < 2:
+        return Estimate(value, math.nan, math.nan, len(y_true), level)
+    w = group_bootstrap_weights(groups, n_boot, seed) if weights is None else weights
+    return _percentile_estimate(value, _resampled(metric, y_true, y_score, w), len(y_true), level)
+
+
+def paired_bootstrap_difference(y_true, score_a, score_b, groups, metric: Metric,
+                                n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                                weights: np.ndarray | None = None) -> Estimate:
+    """metric(a) - metric(b) with a CI from the SAME group resamples for both, so the
+    patient-to-patient variation they share cancels."""
+    y_true, score_a, score_b = np.asarray(y_true), np.asarray(score_a), np.asarray(score_b)
+    value = float(metric(y_true, score_a) - metric(y_true, score_b))
+    if _n_groups(groups) < 2:
+        return Estimate(value, math.nan, math.nan, len(y_true), level)
+    w = group_bootstrap_weights(groups, n_boot, seed) if weights is None else weights
+    draws = _resampled(metric, y_true, score_a, w) - _resampled(metric, y_true, score_b, w)
+    return _percentile_estimate(value, draws, len(y_true), level)
+
+
+def mean_ci(values, groups=None, level: float = 0.95, n_boot: int = 2000,
+            seed: int = 0) -> Estimate:
+    """Mean of a vector with a CI, NaNs dropped.
+
+    Without groups: Student-t interval (rows independent). With groups (e.g. patient_id for
+    per-series Dice when a patient has several series): percentile bootstrap over groups.
+    """
+    values = np.asarray(values, dtype=float)
+    keep = np.isfinite(values)
+    values = values[keep]
+    n = len(values)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, level)
+    mean = float(values.mean())
+    if groups is not None:
+        groups = np.asarray(groups)[keep]
+        if _n_groups(groups) < 2:  # one patient: its variation says nothing about others
+            return Estimate(mean, math.nan, math.nan, n, level)
+        w = group_bootstrap_weights(groups, n_boot, seed)
+        draws = (w @ values) / w.sum(axis=1)
+        return _percentile_estimate(mean, draws, n, level)
+    if n == 1:
+        return Estimate(mean, math.nan, math.nan, 1, level)
+    sem = float(values.std(ddof=1)) / math.sqrt(n)
+    if sem == 0.0:
+        return Estimate(mean, mean, mean, n, level)
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1)) * sem
+    return Estimate(mean, mean - half, mean + half, n, level)
+
+
+def roc_auc(y_true, y_score, sample_weight=None) -> float:
+    """ROC-AUC as the (weighted) probability that a positive outscores a negative, ties
+    counting one half; NaN when a class is absent."""
+    y, s, w = _prepare(y_true, y_score, sample_weight)
+    pos_w, neg_w = w * (y == 1), w * (y == 0)
+    total_pos, total_neg = pos_w.sum(), neg_w.sum()
+    if total_pos == 0 or total_neg == 0:
+        return math.nan
+    _, inverse = np.unique(s, return_inverse=True)
+    pos_at = np.bincount(inverse, weights=pos_w)
+    neg_at = np.bincount(inverse, weights=neg_w)
+    neg_below = np.cumsum(neg_at) - neg_at
+    return float((pos_at * (neg_below + 0.5 * neg_at)).sum() / (total_pos * total_neg))
+
+
+def f1_positive(y_true, y_pred, sample_weight=None) -> float:
+    """F1 of the positive class (not micro-averaged, which equals accuracy); NaN when there is
+    no positive in either the truth or the prediction."""
+    tp, fp, fn, _ = _confusion(y_true, y_pred, sample_weight)
+    denominator = 2 * tp + fp + fn
+    return float(2 * tp / denominator) if denominator > 0 else math.nan
+
+
+def balanced_accuracy(y_true, y_pred, sample_weight=None) -> float:
+    """Mean of sensitivity and specificity; NaN when a class is absent."""
+    tp, fp, fn, tn = _confusion(y_true, y_pred, sample_weight)
+    if tp + fn == 0 or tn + fp == 0:
+        return math.nan
+    return float(0.5 * (tp / (tp + fn) + tn / (tn + fp)))
+
+
+def _roc_auc_resampled(y_true, y_score, weights: np.ndarray) -> np.ndarray:
+    y, s, _ = _prepare(y_true, y_score, None)
+    _, inverse = np.unique(s, return_inverse=True)
+    at_score = np.zeros((len(y), inverse.max() + 1))
+    at_score[np.arange(len(y)), inverse] = 1.0
+    pos_at = (weights * (y == 1)) @ at_score
+    neg_at = (weights * (y == 0)) @ at_score
+    total_pos, total_neg = pos_at.sum(axis=1), neg_at.sum(axis=1)
+    neg_below = np.cumsum(neg_at, axis=1) - neg_at
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos_at * (neg_below + 0.5 * neg_at)).sum(axis=1) / (total_pos * total_neg)
+    return np.where((total_pos > 0) & (total_neg > 0), auc, np.nan)
+
+
+def _confusion_resampled(y_true, y_pred, weights: np.ndarray):
+    y, p, _ = _prepare(y_true, y_pred, None)
+    p, positive = p.astype(bool), y == 1
+    return tuple(weights @ mask.astype(float) for mask in
+                 (positive & p, ~positive & p, positive & ~p, ~positive & ~p))
+
+
+def _f1_positive_resampled(y_true, y_pred, weights: np.ndarray) -> np.ndarray:
+    tp, fp, fn, _ = _confusion_resampled(y_true, y_pred, weights)
+    denominator = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2 * tp / denominator, np.nan)
+
+
+def _balanced_accuracy_resampled(y_true, y_pred, weights: np.ndarray) -> np.ndarray:
+    tp, fp, fn, tn = _confusion_resampled(y_true, y_pred, weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = 0.5 * (tp / (tp + fn) + tn / (tn + fp))
+    return np.where((tp + fn > 0) & (tn + fp > 0), value, np.nan)
+
+
+# The built-in metrics evaluated on all resamples at once (matrix products instead of a loop).
+_RESAMPLED = {
+    roc_auc: _roc_auc_resampled,
+    f1_positive: _f1_positive_resampled,
+    balanced_accuracy: _balanced_accuracy_resampled,
+}
+
+
+def _resampled(metric: Metric, y_true, y_score, weights: np.ndarray) -> np.ndarray:
+    """metric on every row of weights; any sklearn-style metric works, the built-ins fast."""
+    fast = _RESAMPLED.get(metric)
+    if fast is not None:
+        return fast(y_true, y_score, np.asarray(weights, dtype=float))
+    return np.array([metric(y_true, y_score, sample_weight=row) for row in weights], dtype=float)
+
+
+def _confusion(y_true, y_pred, sample_weight):
+    y, p, w = _prepare(y_true, y_pred, sample_weight)
+    p = p.astype(bool)
+    positive = y == 1
+    return (w[positive & p].sum(), w[~positive & p].sum(), w[positive & ~p].sum(),
+            w[~positive & ~p].sum())
+
+
+def _prepare(y_true, y_other, sample_weight):
+    y = np.asarray(y_true).astype(int)
+    other = np.asarray(y_other, dtype=float)
+    if y.shape != other.shape:
+        raise ValueError(f"y_true has shape {y.shape} but predictions have shape {other.shape}")
+    if sample_weight is None:
+        w = np.ones(len(y))
+    else:
+        w = np.asarray(sample_weight, dtype=float)
+    return y, other, w
+
+
+def _group_codes(groups) -> tuple[np.ndarray, int]:
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) == 0:
+        raise ValueError("groups must be a non-empty 1-D sequence (one group id per row)")
+    _, codes = np.unique(groups.astype(str), return_inverse=True)
+    return codes, int(codes.max()) + 1
+
+
+def _n_groups(groups) -> int:
+    return len(np.unique(np.asarray(groups).astype(str)))
+
+
+def _percentile_estimate(value: float, draws: np.ndarray, n: int, level: float) -> Estimate:
+    draws = draws[np.isfinite(draws)]
+    if len(draws) == 0 or not math.isfinite(value):
+        return Estimate(value, math.nan, math.nan, n, level, len(draws))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(draws, [alpha, 1 - alpha])
+    return Estimate(value, float(low), float(high), n, level, len(draws))

@@ -1,0 +1,130 @@
+"""Confidence intervals on cases whose answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from pipeline import stats
+
+
+def test_t_interval_matches_scipy_and_covers_the_true_mean():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.85, 0.05, size=40)
+    estimate = stats.mean_ci(values)
+    low, high = scipy_stats.t.interval(0.95, 39, loc=values.mean(), scale=scipy_stats.sem(values))
+    assert estimate.value == pytest.approx(values.mean())
+    assert (estimate.ci_low, estimate.ci_high) == pytest.approx((low, high))
+    assert estimate.ci_low < 0.85 < estimate.ci_high
+
+
+def test_bootstrap_ci_of_a_mean_covers_the_truth_and_shrinks_like_one_over_sqrt_n():
+    rng = np.random.default_rng(1)
+    widths = {}
+    for n in (100, 1600):
+        values = rng.normal(2.0, 1.0, size=n)
+        estimate = stats.mean_ci(values, groups=np.arange(n), n_boot=2000, seed=3)
+        assert estimate.ci_low < 2.0 < estimate.ci_high
+        widths[n] = estimate.ci_high - estimate.ci_low
+    # 16 times the data: the interval is about 4 times narrower.
+    assert 3.0 < widths[100] / widths[1600] < 5.3
+
+
+def test_all_equal_values_give_a_zero_width_interval():
+    for groups in (None, np.repeat(np.arange(5), 2)):
+        estimate = stats.mean_ci(np.full(10, 0.9), groups=groups)
+        assert (estimate.value, estimate.ci_low, estimate.ci_high) == pytest.approx((0.9, 0.9, 0.9))
+
+
+def test_mean_ci_drops_nans_and_handles_tiny_inputs():
+    assert stats.mean_ci([np.nan, 1.0, 3.0]).n == 2
+    assert math.isnan(stats.mean_ci([]).value)
+    single = stats.mean_ci([0.7])
+    assert single.value == 0.7 and math.isnan(single.ci_low)
+
+
+def test_group_weights_resample_whole_patients():
+    groups = np.array(["a", "a", "b", "c", "c", "c"])
+    weights = stats.group_bootstrap_weights(groups, n_boot=200, seed=0)
+    assert weights.shape == (200, 6)
+    # rows of one patient always share a weight, and three patients are drawn each time
+    assert np.all(weights[:, 0] == weights[:, 1])
+    assert np.all(weights[:, 3] == weights[:, 5])
+    assert np.all(weights[:, [0, 2, 3]].sum(axis=1) == 3)
+
+
+def test_weighted_metrics_equal_the_metrics_of_duplicated_rows():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 30)
+    score = np.round(rng.random(30), 1)  # ties on purpose
+    predicted = (score > 0.5).astype(int)
+    w = rng.integers(0, 3, 30)
+    w[:2] = 1  # keep both classes
+    y[:2] = [0, 1]
+    index = np.repeat(np.arange(30), w)
+    assert stats.roc_auc(y, score, w) == pytest.approx(roc_auc_score(y[index], score[index]))
+    assert stats.f1_positive(y, predicted, w) == pytest.approx(f1_score(y[index], predicted[index]))
+    assert stats.balanced_accuracy(y, predicted, w) == pytest.approx(
+        balanced_accuracy_score(y[index], predicted[index]))
+
+
+def test_fast_resampled_metrics_agree_with_the_per_resample_loop():
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(12), 5)
+    y = rng.integers(0, 2, 60)
+    score = rng.random(60) + 0.3 * y
+    weights = stats.group_bootstrap_weights(groups, 50, seed=1)
+
+    def slow_auc(y_true, s, sample_weight=None):  # a metric without a fast path
+        return stats.roc_auc(y_true, s, sample_weight)
+
+    fast = stats.bootstrap_ci(y, score, groups, stats.roc_auc, weights=weights)
+    slow = stats.bootstrap_ci(y, score, groups, slow_auc, weights=weights)
+    assert (fast.ci_low, fast.ci_high) == pytest.approx((slow.ci_low, slow.ci_high))
+    assert fast.n_resamples == 50
+
+
+def test_undefined_metrics_are_nan_not_zero():
+    assert math.isnan(stats.roc_auc([1, 1, 1], [0.2, 0.4, 0.9]))
+    assert math.isnan(stats.balanced_accuracy([0, 0], [0, 1]))
+    assert math.isnan(stats.f1_positive([0, 0], [0, 0]))
+
+
+def test_positive_class_f1_is_not_accuracy_on_imbalanced_labels():
+    y = np.array([0] * 18 + [1] * 2)
+    predicted = np.zeros(20, dtype=int)
+    predicted[18] = 1  # one of the two positives found, no false alarm
+    accuracy = (predicted == y).mean()
+    assert accuracy == pytest.approx(0.95)
+    assert stats.f1_positive(y, predicted) == pytest.approx(2 / 3)
+    assert stats.balanced_accuracy(y, predicted) == pytest.approx(0.75)
+
+
+def test_paired_difference_is_zero_for_identical_scores_and_positive_for_a_better_one():
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(40), 4)
+    y = rng.integers(0, 2, 160)
+    noisy = rng.random(160) + 0.2 * y
+    sharp = rng.random(160) + 1.5 * y
+    same = stats.paired_bootstrap_difference(y, noisy, noisy, groups, stats.roc_auc, n_boot=300)
+    assert (same.value, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0)
+    better = stats.paired_bootstrap_difference(y, sharp, noisy, groups, stats.roc_auc, n_boot=300)
+    assert better.ci_low > 0
+
+
+def test_estimate_text_reads_like_a_paper():
+    text = stats.Estimate(-0.012, -0.05, 0.031, 10).text()
+    assert text == "\u22120.01 (95% CI \u22120.05 to 0.03)"
+
+
+def test_one_patient_gives_no_interval():
+    """Resampling a single patient only ever redraws that patient: no CI, said so."""
+    estimate = stats.mean_ci([0.8, 0.9, 0.85], groups=["7", "7", "7"])
+    assert estimate.value == pytest.approx(0.85) and math.isnan(estimate.ci_low)
+    assert estimate.text() == "0.85 (no CI: too few patients or classes)"
+    auc = stats.bootstrap_ci([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], ["a"] * 4, stats.roc_auc)
+    assert auc.value == 1.0 and math.isnan(auc.ci_high)
