@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import config as configuration  # noqa: E402
 from pipeline import stages as pipeline_stages  # noqa: E402
 from pipeline import storage  # noqa: E402
+from pipeline.report import package_versions  # noqa: E402
 from pipeline.runner import EXIT_FAILED, Context, run_stages  # noqa: E402
 
 
@@ -60,6 +62,15 @@ def connect_ray(address: str | None) -> None:
           f"{len(ray.nodes())} node(s)", flush=True)
 
 
+def git_revision() -> str | None:
+    """The code's revision, or None when run from a copy without git (a Ray Job working dir)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -80,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         connect_ray(args.address)
-        code = run_stages(pipeline_stages.build(synthesize), ctx, selected, tuple(args.force))
+        run_info = {"versions": package_versions(), "git_revision": git_revision(),
+                    "command": sys.argv}
+        code = run_stages(pipeline_stages.build(synthesize), ctx, selected, tuple(args.force),
+                          run_info=run_info)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -62,4 +62,10 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        storage.write_bytes(self.location, json.dumps(self.data, indent=2, default=str).encode())
+        text = json.dumps(self.data, indent=2, default=_plain)
+        storage.write_bytes(self.location, text.encode())
+
+
+def _plain(value):
+    """JSON for numpy scalars (stage counts are often numpy), text for anything else."""
+    return value.item() if hasattr(value, "item") else str(value)

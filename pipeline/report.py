@@ -9,7 +9,6 @@ null is reported as no evidence, not as an effect).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
 import platform
 import time
@@ -112,15 +111,6 @@ def write_report(out: str, context: ReportContext | Config) -> str:
     ]
     location = storage.join(out, "report.md")
     storage.write_bytes(location, ("\n\n".join(p.strip() for p in parts) + "\n").encode())
-    return location
-
-
-def write_manifest(out: str, manifest: dict) -> str:
-    """Write `<out>/manifest.json` (config, versions, git revision, timings, counts,
-    quarantined rows: what the caller supplies), readable and stable (sorted keys)."""
-    location = storage.join(out, "manifest.json")
-    text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default)
-    storage.write_bytes(location, (text + "\n").encode())
     return location
 
 
@@ -426,13 +416,3 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _integer(value) -> str:
     return "—" if value is None or pd.isna(value) else str(int(value))
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, pd.DataFrame):
-        return value.to_dict(orient="records")
-    return str(value)

@@ -72,9 +72,10 @@ def run_stages(
     ctx: Context,
     selected: list[str] | None = None,
     force: tuple[str, ...] = (),
+    run_info: dict | None = None,
 ) -> int:
     manifest = Manifest(ctx.out)
-    manifest.update(config=ctx.cfg.to_dict(), data=ctx.data, out=ctx.out)
+    manifest.update(config=ctx.cfg.to_dict(), data=ctx.data, out=ctx.out, **(run_info or {}))
     names = [s.name for s in stages]
     for name in list(selected or []) + list(force):
         if name not in names:

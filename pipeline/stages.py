@@ -88,7 +88,8 @@ def _classify(ctx: Context) -> StageOutcome:
     from pipeline.classify import run_classification
 
     discs = storage.read_table(ctx.table(tables.DISCS),
-                               columns=tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE)
+                               columns=tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE
+                               + ["disc_status"])
     latents = storage.read_table(ctx.table(tables.LATENTS))
     gradings = storage.read_table(ctx.table(tables.GRADINGS))
     result = run_classification(discs, latents, gradings, ctx.cfg, ctx.out)

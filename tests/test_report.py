@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -121,17 +120,10 @@ def test_findings_word_the_paired_comparison_from_its_ci(tmp_path):
     assert "the CI excludes 0: the latent code adds information" in findings(0.01, 0.05)
 
 
-def test_manifest_and_package_versions(tmp_path):
+def test_package_versions():
     versions = report.package_versions()
     assert set(versions) == {"python", *report.PACKAGES}
     assert versions["numpy"] == np.__version__
-    manifest = {"config": fast_config().to_dict(), "versions": versions,
-                "timings_s": {"classify": np.float64(12.5)}, "counts": {"discs": np.int64(80)},
-                "quarantined": [{"stage": "catalog", "reason": "no mask"}]}
-    path = report.write_manifest(str(tmp_path), manifest)
-    loaded = json.loads(storage.read_bytes(path))
-    assert loaded["timings_s"]["classify"] == 12.5 and loaded["counts"]["discs"] == 80
-    assert loaded["config"]["classify"]["folds"] == 3
 
 
 def test_write_report_reads_the_tables_itself_given_a_config(full_run):
