@@ -54,6 +54,7 @@ class AutoencoderConfig:
     iou_target: float = 0.995
     train_splits: tuple[str, ...] = ("train",)
     num_workers: int = 1
+    checkpoint_every: int = 25  # epochs between checkpoints (and one at the end)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class SweepConfig:
     bottlenecks: tuple[int, ...] = (64, 8, 4, 3)
     max_epochs: int = 1000
     early_stop: bool = True  # stop trials whose IoU plateaus far below the target
+    plateau_epochs: int = 100  # early stop when the best whole-epoch mean IoU has not risen
+    plateau_min_delta: float = 0.001  # by this much within plateau_epochs epochs
     nested_train: bool = False  # each trial a TorchTrainer (clusters) vs a plain loop (laptops)
 
 
@@ -72,7 +75,11 @@ class ClassifyConfig:
     n_estimators: int = 200
     max_depth: int = 3
     learning_rate: float = 0.1
-    bootstrap: int = 1000
+    # LightGBM's default (20) barely lets a depth-3 tree split ~100 training discs
+    min_child_samples: int = 5
+    bootstrap: int = 1000  # resamples of patients for every 95% CI
+    inner_folds: int = 3  # patient-grouped folds inside each training fold that pick the F1 threshold
+    n_jobs: int = 2  # processes fitting models in parallel (each model single-threaded)
 
 
 @dataclass
@@ -111,20 +118,28 @@ def demo() -> Config:
     """Small enough to run end to end on a 2-core laptop in minutes, on the synthetic cohort."""
     return Config(
         preset="demo",
+        # Sagittal slices stay ~3.3 mm thick (upsampling L-R adds voxels, not information);
+        # in-plane 1.5 mm keeps a perfect mask at Dice ~0.94 back on the native grid. lr 1e-2
+        # gets the UNet past its all-background plateau in ~100 steps instead of ~1000.
         segmentation=SegmentationConfig(
             model="unet",
-            target_spacing_mm=(2.0, 2.0, 2.0),
+            unet_channels=(16, 32, 64, 128),
+            target_spacing_mm=(3.3, 1.5, 1.5),
             roi_size=(32, 64, 64),
-            epochs=30,
-            patience=8,
+            epochs=20,
+            patience=6,
             batch_size=2,
-            crops_per_volume=2,
+            crops_per_volume=4,
+            lr=1e-2,
         ),
         discs=DiscConfig(cube_size=32, cube_spacing_mm=2.5),
+        # 32³ cubes, 4 stages (flatten 128·2³); sized so the 3-trial sweep fits ~3-4 min on 2
+        # cores. It does not reach IoU 0.995 in that budget: the sweep then says so.
         autoencoder=AutoencoderConfig(
-            channels=(16, 32, 64, 128), batch_size=8, max_epochs=150, lr=2e-3
+            channels=(16, 32, 64, 128), batch_size=4, max_epochs=120, lr=2e-3,
+            checkpoint_every=20,
         ),
-        sweep=SweepConfig(bottlenecks=(8, 4, 3), max_epochs=150),
+        sweep=SweepConfig(bottlenecks=(8, 4, 3), max_epochs=120),
         classify=ClassifyConfig(repeats=3, bootstrap=500),
     )
 

@@ -8,6 +8,7 @@ Oblique directions are snapped to the nearest axes (no resampling), as TorchIO's
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -98,8 +99,10 @@ def read_volume(path: str) -> Volume:
         with storage.local_copy(str(path), suffix) as local:
             image = sitk.ReadImage(local)
     except (RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()
-        detail = next((line for line in first if "ERROR" in line or "exception" in line.lower()), "")
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        # ITK's own reason ("ITK ERROR: MetaImageIO(0x...): ..."), not the C++ source location.
+        detail = next((line for line in lines if "ERROR" in line), lines[0] if lines else "")
+        detail = re.sub(r"^(sitk::|ITK )?ERROR: (\w+\(0x[0-9a-fA-F]+\): )?", "", detail)
         raise ValueError(f"{path}: not a readable image ({detail.strip() or type(err).__name__})") from err
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(

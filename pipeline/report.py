@@ -395,7 +395,7 @@ def _quarantined(errors: pd.DataFrame | None) -> str:
         return "_Not available: errors.parquet was not written (no stage recorded its inputs)._"
     if errors.empty:
         return "No input was quarantined."
-    rows = [[str(r.stage), str(r.series_id or ""), str(r.file), str(r.reason)]
+    rows = [[str(r.stage), (str(r.series_id) if pd.notna(r.series_id) else ""), str(r.file), str(r.reason)]
             for r in errors.head(50).itertuples()]
     more = f"\n\n…and {len(errors) - 50} more (errors.parquet)." if len(errors) > 50 else ""
     were = "input was" if len(errors) == 1 else "inputs were"

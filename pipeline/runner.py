@@ -7,6 +7,9 @@ what each stage consumed and produced in the manifest, collects quarantined inpu
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -67,6 +70,20 @@ def stage_key(stage: Stage, ctx: Context) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _keeping_sigint():
+    """Put the SIGINT handler back after a stage. Ray Train's `fit` installs its own (abort the
+    training run) and leaves it behind, after which Ctrl-C would no longer stop the job."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def run_stages(
     stages: list[Stage],
     ctx: Context,
@@ -99,7 +116,8 @@ def run_stages(
         ctx.progress(f"{label} {stage.describe}")
         started = time.time()
         try:
-            outcome = stage.run(ctx)
+            with _keeping_sigint():
+                outcome = stage.run(ctx)
         except Exception as err:
             manifest.record(stage.name, status="failed", key=key, reason=str(err),
                             traceback=traceback.format_exc(), seconds=time.time() - started)

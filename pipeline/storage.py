@@ -64,7 +64,9 @@ def write_bytes(location: str, data: bytes) -> None:
     fs, path = filesystem(location)
     parent = path.rsplit("/", 1)[0] if "/" in path else "."
     fs.create_dir(parent, recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    # Hidden (leading dot): a temporary left by a killed writer inside a folder table
+    # (discs.parquet/) is skipped by Parquet dataset readers instead of read half-written.
+    tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)

@@ -1,0 +1,392 @@
+"""Training the disc autoencoder: one epoch loop, run plainly or on Ray Train.
+
+`fit_epochs` is the whole training procedure (BCE on logits, Adam, and after every epoch an
+eval-mode pass over ALL training discs whose mean IoU decides convergence). The Ray Train loop,
+the sweep's laptop path and the benchmark all call it, so they train the same way.
+
+`train_autoencoder` runs it on Ray Train: reference-mask cubes of training patients are read with
+Ray Data; each worker streams its share once through `get_dataset_shard` and keeps it in memory
+(disc cubes are small, and hundreds of epochs must not restart a data pipeline each); checkpoints
+go through `ray.train.report`, and re-running with the same storage_path and name resumes from
+the last one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import storage, tables
+from pipeline.autoencoder import (
+    OPTIMIZER_FILE,
+    DiscAutoencoder,
+    as_input,
+    disc_iou,
+    has_converged,
+    iou_summary,
+    plateaued,
+    read_meta,
+    read_state,
+    save_checkpoint,
+)
+from pipeline.config import Config
+
+EVAL_BATCH = 32
+
+
+@dataclass
+class EpochStats:
+    epoch: int  # epochs trained so far (1 after the first)
+    loss: float  # mean training BCE over the epoch
+    mean_iou: float  # eval-mode mean over ALL training discs after this epoch
+    iou_ci_low: float
+    iou_ci_high: float
+    n_discs: int
+    seconds: float
+    converged: bool  # has_converged on this epoch's per-disc IoUs
+
+
+@dataclass
+class Fit:
+    history: list[EpochStats]
+    converged: bool = False
+    stopped_early: bool = False  # the stop rule ended training before convergence
+    done: bool = False  # converged, stopped early, or max_epochs reached
+
+    @property
+    def last(self) -> EpochStats:
+        return self.history[-1]
+
+
+def _gather_local(value):
+    return [value]
+
+
+def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
+               optimizer: torch.optim.Optimizer, *, batch_size: int, max_epochs: int,
+               iou_target: float, history: Sequence[EpochStats] = (), seed: int = 0,
+               device: torch.device | str = "cpu",
+               stop_rule: Callable[[list[float]], bool] | None = None,
+               on_epoch: Callable[[Fit], None] | None = None,
+               gather: Callable[[object], list] = _gather_local) -> Fit:
+    """Train until the whole-epoch mean IoU reaches `iou_target`, `stop_rule` fires on the list
+    of epoch mean IoUs, or `max_epochs` epochs are done (counting those in `history`, so a
+    resumed run continues where it stopped).
+
+    cubes: (N, S, S, S) binary cubes this process trains on.
+    on_epoch(fit): called after every epoch with the run so far (report, checkpoint).
+    gather(obj) -> one obj per process: combines the per-disc IoUs and step counts of data-
+        parallel workers (all_gather_object under Ray Train); every process then takes the same
+        decisions, and all run the same number of steps per epoch.
+    """
+    if batch_size < 1 or max_epochs < 1:
+        raise ValueError(f"batch_size and max_epochs must be at least 1; got {batch_size}, "
+                         f"{max_epochs}")
+    data = torch.as_tensor(np.asarray(cubes) if not torch.is_tensor(cubes) else cubes)
+    data = (data > 0).to(torch.uint8).to(device)
+    n_local = int(data.shape[0])
+    n_max = max(gather(n_local))
+    if n_local == 0:
+        raise ValueError("no training discs for this worker")
+    steps = math.ceil(n_max / batch_size)
+    net = getattr(model, "module", model)  # eval on the unwrapped model: no DDP collectives
+    loss_fn = nn.BCEWithLogitsLoss()
+    fit = Fit(list(history))
+
+    def judge() -> None:
+        ious = [s.mean_iou for s in fit.history]
+        fit.converged = bool(fit.history) and fit.history[-1].converged
+        fit.stopped_early = (not fit.converged and stop_rule is not None and bool(ious)
+                             and stop_rule(ious))
+        fit.done = fit.converged or fit.stopped_early or len(ious) >= max_epochs
+
+    judge()
+    while not fit.done:
+        start = time.perf_counter()
+        model.train()
+        # seeded per epoch, so a resumed run shuffles as an uninterrupted one would
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + len(fit.history))
+        order = torch.randperm(n_local, generator=generator)
+        order = order.repeat(math.ceil(steps * batch_size / n_local))[: steps * batch_size]
+        loss_sum = 0.0
+        for step in range(steps):
+            x = as_input(data[order[step * batch_size:(step + 1) * batch_size]])
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), x)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach())
+        # Data-parallel workers' BatchNorm running statistics drift apart on their own last
+        # batches: every worker evaluates with rank 0's, the model that gets checkpointed.
+        reference = gather({k: b.detach().cpu() for k, b in net.named_buffers()})[0]
+        with torch.no_grad():
+            for name, buffer in net.named_buffers():
+                buffer.copy_(reference[name])
+        ious = np.concatenate(gather(evaluate_ious(net, data)))  # every training disc
+        mean, low, high = iou_summary(ious)
+        fit.history.append(EpochStats(
+            len(fit.history) + 1, float(np.mean(gather(loss_sum / steps))), mean, low, high,
+            int(ious.size), time.perf_counter() - start, has_converged(ious, iou_target)))
+        judge()
+        if on_epoch is not None:
+            on_epoch(fit)
+    return fit
+
+
+@torch.inference_mode()
+def evaluate_ious(model: nn.Module, cubes: torch.Tensor) -> np.ndarray:
+    """Per-disc IoU of the eval-mode reconstruction (sigmoid > 0.5) against each input cube."""
+    was_training = model.training
+    model.eval()
+    ious = [disc_iou(model(x), x, logits=True).cpu()
+            for x in (as_input(cubes[i:i + EVAL_BATCH]) for i in range(0, len(cubes), EVAL_BATCH))]
+    model.train(was_training)
+    return torch.cat(ious).numpy() if ious else np.zeros(0)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one training process needs (picklable: it travels to Ray workers)."""
+
+    channels: tuple[int, ...]
+    bottleneck: int
+    lr: float
+    batch_size: int
+    max_epochs: int
+    iou_target: float
+    checkpoint_every: int
+    seed: int = 0
+    plateau: tuple[int, float] | None = None  # early stop: (patience epochs, min IoU gain)
+
+    @classmethod
+    def from_config(cls, cfg: Config, bottleneck: int, max_epochs: int | None = None,
+                    plateau: tuple[int, float] | None = None) -> TrainSpec:
+        ae = cfg.autoencoder
+        return cls(tuple(ae.channels), int(bottleneck), ae.lr, ae.batch_size,
+                   int(max_epochs or ae.max_epochs), ae.iou_target, ae.checkpoint_every,
+                   cfg.seed, plateau)
+
+    def stop_rule(self) -> Callable[[list[float]], bool] | None:
+        if self.plateau is None:
+            return None
+        patience, min_delta = self.plateau
+        return lambda ious: plateaued(ious, patience, min_delta)
+
+
+def fit_summary(fit: Fit) -> dict:
+    """The metrics every report carries (and a sweep trial's result)."""
+    last = fit.last
+    return {"epochs": last.epoch, "loss": last.loss, "mean_iou": last.mean_iou,
+            "iou_ci_low": last.iou_ci_low, "iou_ci_high": last.iou_ci_high,
+            "n_discs": last.n_discs, "converged": fit.converged,
+            "stopped_early": fit.stopped_early, "done": fit.done}
+
+
+def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
+                report: Callable[[dict, str | None], None], restore_dir: str | None = None,
+                device: torch.device | str = "cpu",
+                prepare: Callable[[nn.Module], nn.Module] | None = None,
+                gather: Callable[[object], list] = _gather_local, rank: int = 0) -> Fit:
+    """Build (or restore) the model and optimizer and run fit_epochs, checkpointing every
+    `spec.checkpoint_every` epochs and at the end through `report(metrics, checkpoint_dir)`
+    (ray.train.report or ray.tune.report). Only rank 0 writes the checkpoint folder."""
+    torch.manual_seed(spec.seed)
+    model = DiscAutoencoder(int(cubes.shape[-1]), spec.channels, spec.bottleneck)
+    history: list[EpochStats] = []
+    optimizer_state = None
+    if restore_dir is not None:
+        meta = read_meta(restore_dir)
+        if meta["architecture"] != model.architecture:
+            raise ValueError(f"checkpoint {restore_dir} holds {meta['architecture']}, not "
+                             f"{model.architecture}: use a new run name for a new model")
+        model.load_state_dict(read_state(restore_dir))
+        optimizer_state = read_state(restore_dir, OPTIMIZER_FILE)
+        history = [EpochStats(**h) for h in meta["history"]]
+    model = prepare(model) if prepare is not None else model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    def checkpoint(fit: Fit) -> None:
+        if not (fit.done or fit.last.epoch % spec.checkpoint_every == 0):
+            return
+        metrics = fit_summary(fit)
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                meta = {**metrics, "iou_target": spec.iou_target, "spec": asdict(spec),
+                        "history": [asdict(s) for s in fit.history]}
+                save_checkpoint(folder, model, meta, optimizer)
+            report(metrics, folder if rank == 0 else None)
+
+    return fit_epochs(model, cubes, optimizer, batch_size=spec.batch_size,
+                      max_epochs=spec.max_epochs, iou_target=spec.iou_target, history=history,
+                      seed=spec.seed, device=device, stop_rule=spec.stop_rule(),
+                      on_epoch=checkpoint, gather=gather)
+
+
+def _training_filter(cfg: Config):
+    return ("mask_source", "reference"), ("split", list(cfg.autoencoder.train_splits))
+
+
+def _check_discs_path(discs_path: str) -> None:
+    if not storage.exists(discs_path):
+        raise ValueError(f"discs table {discs_path} does not exist: run disc extraction first")
+
+
+def load_training_cubes(discs_path: str, cfg: Config) -> np.ndarray:
+    """(N, S, S, S) uint8 reference-mask cubes of the training splits, in memory (the sweep's
+    laptop path and the benchmark; Ray Train reads them with Ray Data instead)."""
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  registers the tensor type of the cube column
+
+    _check_discs_path(discs_path)
+    (source_col, source), (split_col, splits) = _training_filter(cfg)
+    fs, path = storage.filesystem(discs_path)
+    table = pq.read_table(path, filesystem=fs, columns=[tables.CUBE],
+                          filters=[(source_col, "=", source), (split_col, "in", splits)])
+    if table.num_rows == 0:
+        raise ValueError(f"{discs_path} has no {source} cubes in splits {tuple(splits)}")
+    return tables.stack_cubes(table.column(tables.CUBE).combine_chunks())
+
+
+def training_dataset(discs_path: str, cfg: Config):
+    """Ray Dataset of the cube column of reference-mask discs of the training splits."""
+    import ray.data
+    from ray.data.expressions import col
+
+    _check_discs_path(discs_path)
+    (source_col, source), (split_col, splits) = _training_filter(cfg)
+    return (ray.data.read_parquet(discs_path)
+            .filter(expr=(col(source_col) == source) & col(split_col).is_in(splits))
+            .select_columns([tables.CUBE]))
+
+
+@dataclass
+class AutoencoderResult:
+    checkpoint_path: str
+    bottleneck: int
+    mean_iou: float  # whole-training-set mean IoU after the last epoch
+    iou_ci_low: float  # 95% CI over discs
+    iou_ci_high: float
+    epochs: int  # to convergence, to the early stop, or max_epochs
+    converged: bool
+    stopped_early: bool
+    wall_s: float
+    history: list[dict] = field(default_factory=list)  # one EpochStats dict per epoch
+
+
+def _worker_cubes(shard, rank: int, world: int) -> np.ndarray:
+    """This worker's discs: every `world`-th row of the (order-preserving) dataset, so each
+    training disc lands on exactly one worker and shards differ by at most one disc. (Ray's
+    default equal split would drop up to world-1 discs from the convergence test.)"""
+    cubes, start = [], 0
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        block = np.asarray(batch[tables.CUBE])
+        cubes.append(block[(rank - start) % world::world])
+        start += len(block)
+    if not cubes or sum(len(c) for c in cubes) == 0:
+        raise ValueError(f"worker {rank} of {world} got no training discs")
+    return np.concatenate(cubes)
+
+
+def _all_gather(value) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _train_loop_per_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+
+    spec: TrainSpec = config["spec"]
+    torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cubes = _worker_cubes(ray.train.get_dataset_shard("train"), rank, world)
+
+    def report(metrics: dict, folder: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    restored = ray.train.get_checkpoint()
+    with restored.as_directory() if restored else contextlib.nullcontext() as folder:
+        fit = train_cubes(cubes, spec, report=report, restore_dir=folder,
+                          device=ray.train.torch.get_device(),
+                          prepare=ray.train.torch.prepare_model,
+                          gather=_gather_local if world == 1 else _all_gather, rank=rank)
+    return {**fit_summary(fit), "history": [asdict(s) for s in fit.history]}
+
+
+def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_path: str,
+                      name: str, progress: Callable[[str], None] = print, callbacks=None, *,
+                      max_epochs: int | None = None, plateau: tuple[int, float] | None = None,
+                      cpus_per_worker: float | None = None) -> AutoencoderResult:
+    """Train the autoencoder on Ray Train (TorchTrainer, cfg.autoencoder.num_workers workers,
+    a GPU each when the cluster has GPUs) on the reference-mask cubes of training patients.
+
+    A run with the same storage_path and name resumes from its last checkpoint (a finished
+    run returns at once). max_epochs and plateau (early stop) override the config for sweeps;
+    cpus_per_worker defaults to the cluster's free CPUs shared among the workers.
+    """
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = TrainSpec.from_config(cfg, bottleneck, max_epochs, plateau)
+    workers = cfg.autoencoder.num_workers
+    if workers < 1:
+        raise ValueError(f"autoencoder.num_workers must be at least 1; got {workers}")
+    dataset = training_dataset(discs_path, cfg).materialize()
+    n_discs = dataset.count()
+    if n_discs < workers:
+        raise ValueError(f"{discs_path} has {n_discs} training reference discs, fewer than the "
+                         f"{workers} workers")
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cpus_per_worker is None:
+        cpus_per_worker = max(0.1, ray.available_resources().get("CPU", 1.0) / workers)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if gpus else {})}
+    progress(f"autoencoder k={bottleneck}: {n_discs} training discs, {workers} worker(s) "
+             f"{'on GPU' if gpus else 'on CPU'}, up to {spec.max_epochs} epochs")
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"spec": spec, "threads": max(1, int(cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage.absolute(storage_path),
+                             callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=2)),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=[],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall_s = time.perf_counter() - start
+    if result.error is not None:
+        raise result.error
+    summary = result.return_value
+    if result.checkpoint is None or summary is None:
+        raise RuntimeError(f"training run {name} finished without a checkpoint")
+    outcome = AutoencoderResult(
+        checkpoint_path=result.checkpoint.path, bottleneck=int(bottleneck),
+        mean_iou=summary["mean_iou"], iou_ci_low=summary["iou_ci_low"],
+        iou_ci_high=summary["iou_ci_high"], epochs=summary["epochs"],
+        converged=summary["converged"], stopped_early=summary["stopped_early"], wall_s=wall_s,
+        history=summary["history"])
+    progress(f"autoencoder k={bottleneck}: mean IoU {outcome.mean_iou:.4f} "
+             f"({outcome.iou_ci_low:.4f}-{outcome.iou_ci_high:.4f}) after {outcome.epochs} epochs, "
+             f"{'converged' if outcome.converged else 'not converged'}, {wall_s:.0f} s")
+    return outcome

@@ -1,0 +1,199 @@
+"""The disc-shape autoencoder of the published method, its reconstruction IoU and its checkpoints.
+
+Architecture (REFERENCE.md "Autoencoder"), scaled by cube size, channel widths and bottleneck:
+- encoder: one Conv3d(k3, s2, p1) + BatchNorm + ReLU stage per channel width, each halving the
+  cube; flatten; Linear to the latent code (no activation);
+- decoder: the mirror image: Linear, unflatten, ConvTranspose3d(k3, s2, p1, output_padding 1)
+  + BatchNorm + ReLU stages, the last one to a single channel; no skip connections.
+The paper ends the decoder in a sigmoid and trains with BCE. `forward` returns the logits
+before that sigmoid because BCEWithLogitsLoss is the numerically stable form of sigmoid + BCE;
+`reconstruct` applies the sigmoid for outputs, and a probability of 0.5 is a logit of 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import storage
+
+PAPER_CHANNELS = (32, 64, 128, 256, 512)
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class DiscAutoencoder(nn.Module):
+    """Binary disc cube (B, 1, S, S, S) -> latent code (B, bottleneck) -> logits (B, 1, S, S, S).
+
+    Args:
+        cube_size: S, the cube's edge in voxels; divisible by 2 ** len(channels).
+        channels: encoder widths, one stride-2 stage each (paper: 32, 64, 128, 256, 512 on 64³,
+            so the flattened code is 512 · 2³ = 4096).
+        bottleneck: length of the latent code.
+    """
+
+    def __init__(self, cube_size: int, channels: Sequence[int], bottleneck: int):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if not channels or any(c < 1 for c in channels):
+            raise ValueError(f"channels must be positive widths, one per stage; got {channels}")
+        if bottleneck < 1:
+            raise ValueError(f"bottleneck must be at least 1; got {bottleneck}")
+        stages = len(channels)
+        if cube_size < 2**stages or cube_size % 2**stages:
+            raise ValueError(
+                f"cube size {cube_size} must be a multiple of 2**{stages} = {2**stages}: "
+                f"each of the {stages} encoder stages halves the cube"
+            )
+        self.cube_size = int(cube_size)
+        self.channels = channels
+        self.bottleneck = int(bottleneck)
+        self.code_shape = (channels[-1],) + (cube_size // 2**stages,) * 3
+
+        encoder: list[nn.Module] = []
+        for c_in, c_out in zip((1,) + channels[:-1], channels, strict=True):
+            encoder += [nn.Conv3d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm3d(c_out),
+                        nn.ReLU(inplace=True)]
+        flat = math.prod(self.code_shape)
+        self.encoder = nn.Sequential(*encoder, nn.Flatten(), nn.Linear(flat, bottleneck))
+
+        decoder: list[nn.Module] = [nn.Linear(bottleneck, flat), nn.Unflatten(1, self.code_shape)]
+        widths = channels[::-1]
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+            decoder += [nn.ConvTranspose3d(c_in, c_out, 3, stride=2, padding=1, output_padding=1),
+                        nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+        decoder.append(nn.ConvTranspose3d(widths[-1], 1, 3, stride=2, padding=1, output_padding=1))
+        self.decoder = nn.Sequential(*decoder)
+
+    @property
+    def architecture(self) -> dict:
+        """Everything needed to rebuild the model (stored in a checkpoint's meta.json)."""
+        return {"cube_size": self.cube_size, "channels": list(self.channels),
+                "bottleneck": self.bottleneck}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits of the reconstructed cube."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's output: voxel probabilities after the final sigmoid."""
+        return torch.sigmoid(self(x))
+
+
+def as_input(cubes: torch.Tensor | np.ndarray, device: torch.device | str | None = None
+             ) -> torch.Tensor:
+    """(N, S, S, S) uint8/bool cubes -> (N, 1, S, S, S) float32 model input."""
+    cubes = torch.as_tensor(cubes)
+    if cubes.ndim != 4:
+        raise ValueError(f"expected cubes shaped (N, S, S, S); got {tuple(cubes.shape)}")
+    return (cubes.to(device) > 0).to(torch.float32).unsqueeze(1)
+
+
+def disc_iou(output: torch.Tensor, target: torch.Tensor, threshold: float = 0.5,
+             logits: bool = False) -> torch.Tensor:
+    """Per-disc IoU (N,) between the thresholded output and the binary target.
+
+    `output` holds probabilities, or logits when `logits=True` (thresholded at the logit of
+    `threshold`, the same decision). A disc empty in both counts as a perfect 1.
+    """
+    if output.shape[0] != target.shape[0] or output.numel() != target.numel():
+        raise ValueError(f"output {tuple(output.shape)} and target {tuple(target.shape)} differ")
+    cut = math.log(threshold / (1 - threshold)) if logits else threshold
+    pred = (output > cut).reshape(output.shape[0], -1)
+    true = (target > 0.5).reshape(target.shape[0], -1)
+    inter = (pred & true).sum(1).to(torch.float64)
+    union = (pred | true).sum(1).to(torch.float64)
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def mean_iou(probs_or_logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5,
+             logits: bool = False) -> float:
+    """Mean over discs of the per-disc IoU (see disc_iou)."""
+    return float(disc_iou(probs_or_logits, target, threshold, logits).mean())
+
+
+def iou_summary(epoch_ious: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """Mean per-disc IoU and its 95% CI over discs (normal approximation, capped at 1)."""
+    ious = np.asarray(epoch_ious, dtype=np.float64)
+    if ious.size == 0:
+        raise ValueError("no per-disc IoUs: the epoch saw no training discs")
+    mean = float(ious.mean())
+    half = 1.96 * float(ious.std(ddof=1)) / math.sqrt(ious.size) if ious.size > 1 else 0.0
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def has_converged(epoch_ious: Sequence[float] | np.ndarray, target: float) -> bool:
+    """Converged when the mean IoU over ALL training discs of an epoch reaches `target`.
+
+    `epoch_ious` holds one IoU per training disc, from an eval-mode pass over the whole training
+    set. (The published code declared convergence on the first batch above 0.995.)
+    """
+    return iou_summary(epoch_ious)[0] >= target
+
+
+def plateaued(epoch_mean_ious: Sequence[float], patience: int, min_delta: float) -> bool:
+    """True when the best whole-epoch mean IoU has not risen by `min_delta` in the last
+    `patience` epochs: a trial that is not getting closer to the target (early stopping)."""
+    if patience < 1 or len(epoch_mean_ious) <= patience:
+        return False
+    best_before = max(epoch_mean_ious[:-patience])
+    return max(epoch_mean_ious[-patience:]) < best_before + min_delta
+
+
+def save_checkpoint(directory: str, model: nn.Module, meta: dict,
+                    optimizer: torch.optim.Optimizer | None = None) -> str:
+    """Write model.pt (state_dict), meta.json (architecture + `meta`) and optimizer.pt into a
+    local folder, the layout every autoencoder checkpoint has."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    os.makedirs(directory, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump({"architecture": model.architecture, **meta}, f, indent=1)
+    return directory
+
+
+def read_meta(checkpoint_dir: str) -> dict:
+    location = storage.join(str(checkpoint_dir), META_FILE)
+    if not storage.exists(location):
+        raise ValueError(f"{checkpoint_dir} is not an autoencoder checkpoint: no {META_FILE}")
+    return json.loads(storage.read_bytes(location))
+
+
+def read_state(checkpoint_dir: str, name: str = MODEL_FILE) -> dict:
+    """A state_dict from a checkpoint folder (local or URI), tensors only: never unpickles
+    arbitrary objects."""
+    data = storage.read_bytes(storage.join(str(checkpoint_dir), name))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def load_model(checkpoint_dir: str) -> tuple[DiscAutoencoder, dict]:
+    """Rebuild the autoencoder of a checkpoint folder in eval mode; returns (model, meta)."""
+    meta = read_meta(checkpoint_dir)
+    if "architecture" not in meta:
+        raise ValueError(f"{checkpoint_dir}/{META_FILE} has no 'architecture' entry")
+    model = DiscAutoencoder(**meta["architecture"])
+    model.load_state_dict(read_state(checkpoint_dir))
+    return model.eval(), meta
+
+
+def model_id(checkpoint_dir: str) -> str:
+    """A short content hash of model.pt: which weights produced a latent table."""
+    data = storage.read_bytes(storage.join(str(checkpoint_dir), MODEL_FILE))
+    return hashlib.sha256(data).hexdigest()[:16]

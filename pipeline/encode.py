@@ -1,0 +1,88 @@
+"""Latent shape codes for every disc: an `Encoder` actor pool on Ray Data writes latents.parquet.
+
+Every row of discs.parquet (reference and predicted masks alike) is encoded by the same trained
+autoencoder in eval mode, so the classifier compares both mask sources on one latent space.
+The table is small (k floats per disc), so it is gathered and written as one Parquet file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import storage, tables
+from pipeline.autoencoder import as_input, load_model, model_id
+
+ENCODE_BATCH = 64
+
+
+class Encoder:
+    """Ray Data callable class: loads the autoencoder once per actor, then maps a batch of discs
+    (DISC_KEYS + cube) to DISC_KEYS + z0..z{k-1} + bottleneck + model_id."""
+
+    def __init__(self, checkpoint_path: str, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, _ = load_model(checkpoint_path)
+        self.model = model.to(self.device).eval()
+        self.model_id = model_id(checkpoint_path)
+        self.columns = tables.latent_columns(model.bottleneck)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cubes = np.asarray(batch[tables.CUBE])
+        if cubes.shape[1:] != (self.model.cube_size,) * 3:
+            raise ValueError(f"disc cubes of shape {cubes.shape[1:]} do not fit an autoencoder "
+                             f"trained on {self.model.cube_size}³ cubes")
+        with torch.inference_mode():
+            z = self.model.encode(as_input(cubes, self.device)).cpu().numpy().astype(np.float64)
+        out = {key: batch[key] for key in tables.DISC_KEYS}
+        out.update({name: z[:, i] for i, name in enumerate(self.columns)})
+        out["bottleneck"] = np.full(len(cubes), self.model.bottleneck, dtype=np.int64)
+        out["model_id"] = np.full(len(cubes), self.model_id, dtype=object)
+        return out
+
+
+def encode_discs(discs_path: str, checkpoint_path: str, out: str,
+                 progress: Callable[[str], None] = print) -> str:
+    """Encode every disc of discs.parquet; write tables.path(out, LATENTS) (one row per
+    discs.parquet row) and return its location."""
+    import ray
+    import ray.data
+
+    if not storage.exists(discs_path):
+        raise ValueError(f"discs table {discs_path} does not exist: run disc extraction first")
+    discs = ray.data.read_parquet(discs_path).select_columns(tables.DISC_KEYS + [tables.CUBE])
+    n_discs = discs.count()
+    if n_discs == 0:
+        raise ValueError(f"{discs_path} holds no discs to encode")
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    # GPU: one actor per GPU. CPU: one single-threaded actor per CPU, less one for reading.
+    cpus = ray.available_resources().get("CPU", 1.0)
+    actors = gpus if gpus else max(1, int(cpus) - 1)
+    actors = max(1, min(actors, -(-n_discs // ENCODE_BATCH)))
+    progress(f"encoding {n_discs} discs with {actors} Encoder actor(s) on "
+             f"{'GPU' if gpus else 'CPU'}")
+    latents = discs.map_batches(
+        Encoder, fn_constructor_kwargs={"checkpoint_path": checkpoint_path},
+        batch_size=ENCODE_BATCH, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0, num_cpus=1,
+    ).to_pandas()
+    if len(latents) != n_discs:
+        raise RuntimeError(f"encoded {len(latents)} discs but {discs_path} has {n_discs}")
+    latents = _typed(latents).sort_values(["series_id", "mask_source", "ivd_label"],
+                                          ignore_index=True)
+    location = tables.path(out, tables.LATENTS)
+    storage.write_table(latents, location)
+    progress(f"wrote {len(latents)} latent codes (k={latents['bottleneck'].iloc[0]}) "
+             f"to {location}")
+    return location
+
+
+def _typed(latents: pd.DataFrame) -> pd.DataFrame:
+    string_keys = [k for k in tables.DISC_KEYS if k != "ivd_label"]
+    return latents.astype({**{k: "string" for k in string_keys}, "ivd_label": "int64",
+                           "bottleneck": "int64", "model_id": "string"})

@@ -1,0 +1,322 @@
+"""Streaming inference and disc extraction with Ray Data: volumes in, per-disc rows out.
+
+Three stages, each a plain function so the same per-series work also runs as a sequential loop
+(`process_series`, used by the benchmark and by anyone without Ray):
+1. `load_series` (Ray Data tasks): read image and reference mask, refuse bad input, preprocess
+   onto the model grid.
+2. `Segmenter` (an actor pool, GPU where the cluster has one): sliding-window inference over the
+   whole volume, never a crop taken from the reference mask.
+3. `extract_series` (tasks): map the prediction back to the native grid, score it, split
+   reference and predicted masks into discs through the same path (crop, measure, cube), write
+   `<out>/tables/discs.parquet/<series_id>.parquet` and `<out>/predictions/<series_id>.mha`.
+
+The stream's rows after stage 3 are small per-series records; volumes never reach the driver.
+Outputs are per-series files written atomically, so a retried task or a restarted actor
+rewrites its own file: nothing is duplicated or lost. Retries are Ray Data 2.60's defaults (a task
+whose worker dies is retried up to 3 times; a Segmenter actor that dies is restarted and its
+series resubmitted), which passing max_retries/max_restarts explicitly only duplicates: those
+arguments are deprecated in 2.60.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+import torch
+from monai.inferers import sliding_window_inference
+
+from pipeline import discs, geometry, io, preprocess, segmodels, stats, storage, tables, validate
+from pipeline.config import Config, SegmentationConfig
+from pipeline.segtrain import dice_iou
+
+PREDICTIONS = "predictions"
+THRESHOLD = 0.5  # on the sigmoid probability
+METRIC_COLUMNS = [
+    "series_id", "patient_id", "split", "dice", "iou", "n_expected", "n_found", "n_unmatched",
+    "merged_ivd_labels", "split_ivd_labels", "n_reference_discs", "n_predicted_discs",
+    "skipped_discs", "error", "file",
+]
+_PASSED = ("series_id", "patient_id", "split")
+
+
+@dataclass
+class ExtractionResult:
+    discs_path: str  # the discs.parquet folder
+    metrics: pd.DataFrame  # METRIC_COLUMNS, one row per series (quarantined ones included)
+    errors: list[dict]  # stage "extract", file, series_id, reason
+    n_discs: int  # rows written, reference and predicted
+    summary: dict = field(default_factory=dict)  # mean val Dice/IoU with 95% CIs
+
+
+def load_series(row: dict, seg: SegmentationConfig) -> dict:
+    """Stage 1: one series -> the preprocessed image, the native reference mask and what is
+    needed to map a prediction back and write it. Bad input -> the same keys, empty arrays and
+    `error`/`file` filled in."""
+    base = {key: str(row[key]) for key in _PASSED}
+    try:
+        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"])
+        validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
+    except preprocess.BadInput as err:
+        empty = preprocess.Grid((0, 0, 0), (1.0, 1.0, 1.0), (0, 0, 0), (0, 0, 0))
+        return {**base, "error": str(err), "file": err.file,
+                "image": np.zeros((0, 0, 0), np.float32), "reference": np.zeros((0, 0, 0), np.int16),
+                "affine": np.eye(4), "stored_shape": np.zeros(3, np.int64), **empty.to_record()}
+    grid = preprocess.plan_grid(image.array.shape, image.spacing, seg.target_spacing_mm,
+                                seg.roi_size)
+    return {**base, "error": "", "file": "",
+            "image": preprocess.preprocess_image(image.array, grid),
+            "reference": mask.array.astype(np.int16, copy=False),
+            "affine": np.asarray(mask.header.affine, dtype=np.float64),
+            "stored_shape": np.asarray(mask.header.stored_shape, dtype=np.int64),
+            **grid.to_record()}
+
+
+class Segmenter:
+    """Stage 2, a Ray Data callable class: loads the model once per actor, then runs MONAI
+    sliding-window inference on whole preprocessed volumes (one per batch)."""
+
+    def __init__(self, checkpoint_path: str, overlap: float, sw_batch_size: int,
+                 threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, self.meta = segmodels.load_segmenter(checkpoint_path)
+        self.model = model.to(self.device)
+        self.roi_size = tuple(segmodels.config_from_meta(self.meta).roi_size)
+        self.overlap = overlap
+        self.sw_batch_size = sw_batch_size
+
+    def probability(self, image: np.ndarray) -> np.ndarray:
+        """Disc probability (float32) on the padded model grid of one preprocessed volume."""
+        with torch.inference_mode():
+            volume = torch.tensor(image, dtype=torch.float32)[None, None].to(self.device)
+            logits = sliding_window_inference(volume, self.roi_size, self.sw_batch_size,
+                                              self.model, overlap=self.overlap, mode="gaussian")
+            return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+
+    def segment(self, sample: dict) -> dict:
+        """A stage-1 row -> the same row with `probability` in place of `image`."""
+        out = {k: v for k, v in sample.items() if k != "image"}
+        image = np.asarray(sample["image"])
+        out["probability"] = (self.probability(image) if not sample["error"]
+                              else np.zeros((0, 0, 0), np.float32))
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.segment({k: v[i] for k, v in batch.items()})
+                for i in range(len(batch["series_id"]))]
+        return {k: _column([r[k] for r in rows]) for k in rows[0]}
+
+
+def _column(values: list) -> np.ndarray:
+    """A batch column from per-row values (an object array when shapes differ)."""
+    if isinstance(values[0], np.ndarray) and len({v.shape for v in values}) > 1:
+        column = np.empty(len(values), dtype=object)
+        column[:] = values
+        return column
+    return np.stack(values) if isinstance(values[0], np.ndarray) else np.asarray(values)
+
+
+def prediction_path(out: str, series_id: str) -> str:
+    return storage.join(out, PREDICTIONS, f"{series_id}.mha")
+
+
+def disc_table_path(out: str, series_id: str) -> str:
+    return storage.join(tables.path(out, tables.DISCS), f"{series_id}.parquet")
+
+
+def _disc_rows(found: list, source: str, sample: dict, label_map: np.ndarray | None,
+               spacing, cfg: Config, skipped: list[str]) -> tuple[list[dict], list[np.ndarray]]:
+    """Measure and cube discs of one mask source; a disc that cannot be measured is skipped with
+    its reason appended to `skipped`."""
+    rows, cubes = [], []
+    for disc in found:
+        try:
+            measured = geometry.measure_disc(disc.mask, spacing)
+        except ValueError as err:
+            skipped.append(f"{source} disc {disc.ivd_label} ({disc.level or disc.status}): {err}")
+            continue
+        bulge = (geometry.measure_bulge(label_map, spacing, disc.ivd_label)
+                 if label_map is not None else dict.fromkeys(tables.BULGE, math.nan))
+        cube, fits = discs.disc_cube(disc, spacing, cfg.discs.cube_size, cfg.discs.cube_spacing_mm)
+        rows.append({"patient_id": sample["patient_id"], "series_id": sample["series_id"],
+                     "ivd_label": int(disc.ivd_label), "level": disc.level,
+                     "mask_source": source, "split": sample["split"], **measured, **bulge,
+                     "match_dice": float(disc.match_dice), "disc_status": disc.status,
+                     "cube_fits": bool(fits)})
+        cubes.append(cube)
+    return rows, cubes
+
+
+def disc_table(rows: list[dict], cubes: list[np.ndarray], cube_size: int) -> pa.Table:
+    """One series' discs as a Parquet-ready table with a fixed-shape uint8 cube column."""
+    columns = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + [
+        "match_dice", "disc_status", "cube_fits"]
+    frame = pd.DataFrame(rows, columns=columns).astype(
+        {"ivd_label": "int64", "match_dice": "float64", "cube_fits": "bool",
+         **dict.fromkeys(tables.GEOMETRY + tables.BULGE, "float64")})
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    stacked = (np.stack(cubes) if cubes
+               else np.zeros((0, cube_size, cube_size, cube_size), np.uint8))
+    return table.append_column(tables.CUBE, tables.cube_array(stacked))
+
+
+def extract_series(sample: dict, cfg: Config, out: str) -> dict:
+    """Stage 3: a segmented row -> per-disc rows written to its own Parquet file, the predicted
+    mask written beside the tables, and a small record (METRIC_COLUMNS) for the driver."""
+    record = {key: sample[key] for key in _PASSED} | {
+        "dice": math.nan, "iou": math.nan, "n_expected": 0, "n_found": 0, "n_unmatched": 0,
+        "merged_ivd_labels": "", "split_ivd_labels": "", "n_reference_discs": 0,
+        "n_predicted_discs": 0, "skipped_discs": "", "error": str(sample["error"]),
+        "file": str(sample["file"])}
+    if record["error"]:
+        stale = disc_table_path(out, record["series_id"])
+        if storage.exists(stale):  # an earlier run's rows for a file that is now refused
+            fs, path = storage.filesystem(stale)
+            fs.delete_file(path)
+        return record
+    grid = preprocess.Grid.from_record(sample)
+    spacing = grid.native_spacing
+    probability = np.asarray(sample["probability"])
+    predicted = preprocess.to_native((probability >= THRESHOLD).astype(np.uint8), grid)
+    reference = np.asarray(sample["reference"])
+    header = io.Header(affine=np.asarray(sample["affine"]),
+                       stored_shape=tuple(int(s) for s in sample["stored_shape"]))
+    io.write_volume(prediction_path(out, record["series_id"]), predicted, header)
+    record["dice"], record["iou"] = dice_iou(predicted, preprocess.disc_target(reference))
+
+    skipped: list[str] = []
+    reference_found = discs.reference_discs(reference)
+    predicted_found, report = discs.predicted_discs(
+        predicted.astype(bool), spacing, reference, min_volume_mm3=cfg.discs.min_component_mm3)
+    ref_rows, ref_cubes = _disc_rows(reference_found, "reference", record, reference, spacing,
+                                     cfg, skipped)
+    pred_rows, pred_cubes = _disc_rows(predicted_found, "predicted", record, None, spacing, cfg,
+                                       skipped)
+    storage.write_table(disc_table(ref_rows + pred_rows, ref_cubes + pred_cubes,
+                                   cfg.discs.cube_size),
+                        disc_table_path(out, record["series_id"]))
+    record.update(
+        n_expected=int(report.n_expected), n_found=int(report.n_found),
+        n_unmatched=int(report.unmatched),
+        merged_ivd_labels=",".join(str(v) for v in report.merged),
+        split_ivd_labels=",".join(str(v) for v in report.split),
+        n_reference_discs=len(ref_rows), n_predicted_discs=len(pred_rows),
+        skipped_discs="; ".join(skipped))
+    return record
+
+
+def process_series(row: dict, segmenter: Segmenter, cfg: Config, out: str) -> dict:
+    """All three stages for one series in this process: the sequential path."""
+    seg = segmodels.config_from_meta(segmenter.meta)
+    return extract_series(segmenter.segment(load_series(row, seg)), cfg, out)
+
+
+def actor_layout() -> dict:
+    """Segmenter pool size and per-actor resources from the cluster: one actor per GPU; on CPUs,
+    one single-threaded actor per two CPUs (at least one), leaving the rest to the read and
+    extract tasks that keep the actors fed."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return {"size": gpus, "num_gpus": 1, "num_cpus": 1, "threads": None}
+    return {"size": max(1, int(resources.get("CPU", 1)) // 2), "num_gpus": 0, "num_cpus": 1,
+            "threads": 1}
+
+
+def _summary(metrics: pd.DataFrame) -> dict:
+    """Mean Dice and IoU with 95% CIs over validation series (all series when none is val),
+    resampling patients."""
+    scored = metrics[metrics["error"] == ""]
+    split = "val" if (scored["split"] == "val").any() else "all"
+    if split == "val":
+        scored = scored[scored["split"] == "val"]
+    summary = {"split": split, "n_series": int(len(scored))}
+    for name in ("dice", "iou"):
+        estimate = stats.mean_ci(scored[name], groups=scored["patient_id"])
+        summary.update({name: estimate.value, f"{name}_ci_low": estimate.ci_low,
+                        f"{name}_ci_high": estimate.ci_high})
+    return summary
+
+
+def _remove_stale(out: str, keep: set[str]) -> None:
+    """Drop per-series disc files of series no longer in the cohort (an earlier run's)."""
+    folder = tables.path(out, tables.DISCS)
+    if not storage.exists(folder):
+        return
+    fs, path = storage.filesystem(folder)
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        name = info.base_name
+        if name.endswith(".parquet") and name[: -len(".parquet")] not in keep:
+            fs.delete_file(info.path)
+
+
+def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out: str,
+                   strict: bool = False, progress: Callable[[str], None] | None = print
+                   ) -> ExtractionResult:
+    """Segment every series with the checkpoint and extract its discs, streaming with Ray Data.
+
+    Writes `<out>/tables/discs.parquet/<series_id>.parquet`, `<out>/predictions/*.mha` and
+    `<out>/tables/segmentation_metrics.parquet`. A series whose files are unusable is
+    quarantined (an error, no disc rows) and the rest complete; `strict` raises ValueError on
+    the first one instead. Preprocessing follows the checkpoint's own settings.
+    """
+    missing = {*_PASSED, "image_uri", "mask_uri"} - set(series.columns)
+    if missing:
+        raise ValueError(f"series table lacks columns {sorted(missing)}")
+    meta = segmodels.read_meta(checkpoint_path)
+    seg = segmodels.config_from_meta(meta)
+    data_context = ray.data.DataContext.get_current()
+    if progress is not None:
+        data_context.enable_progress_bars = False
+        data_context.print_on_execution_start = False
+    layout = actor_layout()
+    rows = series[[*_PASSED, "image_uri", "mask_uri"]].astype(str).to_dict("records")
+    stream = (
+        ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+        .map(load_series, fn_kwargs={"seg": seg})
+        .map_batches(
+            Segmenter, batch_size=1,
+            fn_constructor_kwargs={"checkpoint_path": checkpoint_path,
+                                   "overlap": cfg.segmentation.inference_overlap,
+                                   "sw_batch_size": cfg.segmentation.inference_batch_size,
+                                   "threads": layout["threads"]},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=layout["size"]),
+            num_gpus=layout["num_gpus"], num_cpus=layout["num_cpus"])
+        .map(extract_series, fn_kwargs={"cfg": cfg, "out": out})
+    )
+    started = time.perf_counter()
+    records, errors = [], []
+    for record in stream.iter_rows():
+        record = {k: record[k] for k in METRIC_COLUMNS}
+        if record["error"]:
+            if strict:
+                raise ValueError(record["error"])
+            errors.append({"stage": "extract", "file": record["file"],
+                           "series_id": record["series_id"], "reason": record["error"]})
+        records.append(record)
+        if progress is not None and (len(records) % 5 == 0 or len(records) == len(rows)):
+            progress(f"extraction: {len(records)}/{len(rows)} series, "
+                     f"{time.perf_counter() - started:.0f} s")
+    metrics = pd.DataFrame(records, columns=METRIC_COLUMNS).sort_values("series_id")
+    metrics = metrics.reset_index(drop=True)
+    storage.write_table(metrics, tables.path(out, tables.SEGMENTATION_METRICS))
+    _remove_stale(out, set(metrics.loc[metrics["error"] == "", "series_id"]))
+    summary = _summary(metrics)
+    if progress is not None:
+        progress(f"extraction: {summary['split']} Dice {summary['dice']:.3f} "
+                 f"({summary['dice_ci_low']:.3f}-{summary['dice_ci_high']:.3f}), IoU "
+                 f"{summary['iou']:.3f} over {summary['n_series']} series; "
+                 f"{len(errors)} quarantined")
+    return ExtractionResult(
+        discs_path=tables.path(out, tables.DISCS), metrics=metrics, errors=errors,
+        n_discs=int(metrics["n_reference_discs"].sum() + metrics["n_predicted_discs"].sum()),
+        summary=summary)

@@ -1,0 +1,283 @@
+"""Train the disc segmenter with Ray Train: the same loop on one CPU or many GPUs.
+
+Ray Data reads and preprocesses every series once (in parallel, before training starts) and the
+result is materialised, so the training workers never wait on, or compete for CPUs with, data
+tasks. Each epoch every worker draws fresh random crops from its shard of training volumes;
+validation runs sliding-window inference over whole validation volumes on the model grid, split
+across workers and summed with an all-reduce so every worker takes the same early-stopping
+decision. Each epoch reports a checkpoint (model.pt, optimizer.pt, meta.json with the whole
+training state), so a restarted run with the same storage_path and name resumes where it was;
+Ray keeps the best by validation IoU plus the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+import torch
+from monai.data import set_track_meta
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchTrainer, get_device, prepare_model
+
+from pipeline import preprocess, segmodels, storage, validate
+from pipeline.config import Config, SegmentationConfig
+
+SCORE = "val_iou"  # early stopping and checkpoint selection, as in the paper
+CROP_POOL_VOLUMES = 4  # crops of this many volumes are shuffled together into batches
+
+
+@dataclass
+class SegmenterResult:
+    checkpoint_path: str  # the best checkpoint folder (path or URI): model.pt + meta.json
+    best_val_dice: float
+    best_val_iou: float
+    epochs_run: int
+    history: list[dict]  # one dict per epoch: epoch, train_loss, val_dice, val_iou, seconds
+    wall_s: float
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # unreadable series: file, reason
+
+
+def load_training_volume(row: dict, target_spacing_mm, roi_size) -> list[dict]:
+    """Ray Data flat_map: one series -> its preprocessed image and disc target on the model grid
+    (or nothing, with the reason, when the files are unusable)."""
+    try:
+        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"])
+        validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
+    except preprocess.BadInput as err:
+        return [{"series_id": row["series_id"], "error": str(err), "file": err.file,
+                 "image": np.zeros((1, 1, 1), np.float32), "label": np.zeros((1, 1, 1), np.uint8)}]
+    grid = preprocess.plan_grid(image.array.shape, image.spacing, target_spacing_mm, roi_size)
+    return [{"series_id": row["series_id"], "error": "", "file": "",
+             "image": preprocess.preprocess_image(image.array, grid),
+             "label": preprocess.preprocess_mask(mask.array, grid)}]
+
+
+def dice_iou(predicted: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two binary masks; both empty counts as perfect agreement."""
+    predicted, target = np.asarray(predicted, dtype=bool), np.asarray(target, dtype=bool)
+    intersection = float(np.count_nonzero(predicted & target))
+    total = float(np.count_nonzero(predicted)) + float(np.count_nonzero(target))
+    if total == 0:
+        return 1.0, 1.0
+    return 2 * intersection / total, intersection / (total - intersection)
+
+
+def _crop_batches(shard, transform, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Random crops of the shard's volumes, shuffled within a small pool, in batches."""
+    pool: list[dict] = []
+
+    def drain(pool):
+        random.shuffle(pool)
+        for start in range(0, len(pool), batch_size):
+            chunk = pool[start:start + batch_size]
+            yield (torch.stack([c["image"] for c in chunk]),
+                   torch.stack([c["label"] for c in chunk]).float())
+
+    for n, row in enumerate(shard.iter_rows(), start=1):
+        sample = {"image": np.array(row["image"])[None], "label": np.array(row["label"])[None]}
+        pool.extend(transform(sample))
+        if n % CROP_POOL_VOLUMES == 0:
+            yield from drain(pool)
+            pool = []
+    yield from drain(pool)
+
+
+def _validate(model, val_iterator, seg: SegmentationConfig, device) -> dict[str, float]:
+    """Mean Dice and IoU over whole validation volumes (model grid), shared out across workers."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    network = getattr(model, "module", model)  # DDP's forward would wait for the other ranks
+    network.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    with torch.inference_mode():
+        for index, row in enumerate(val_iterator.iter_rows()):
+            if index % world != rank:
+                continue
+            image = torch.from_numpy(np.array(row["image"]))[None, None].to(device)
+            logits = sliding_window_inference(image, seg.roi_size, seg.batch_size, network,
+                                              overlap=seg.inference_overlap, mode="gaussian")
+            dice, iou = dice_iou((logits[0, 0] > 0).cpu().numpy(), row["label"])
+            totals += torch.tensor([dice, iou, 1.0], dtype=torch.float64)
+    if world > 1:
+        reduced = totals.to(device)
+        torch.distributed.all_reduce(reduced)
+        totals = reduced.cpu()
+    count = max(float(totals[2]), 1.0)
+    return {"val_dice": float(totals[0]) / count, "val_iou": float(totals[1]) / count}
+
+
+def _resume_state(model, optimizer) -> dict:
+    """Training state from the checkpoint Ray hands a restarted run, else a fresh one."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "best_epoch": 0, "best_val_iou": -1.0, "best_val_dice": -1.0,
+                "history": []}
+    with checkpoint.as_directory() as folder:
+        getattr(model, "module", model).load_state_dict(segmodels.read_state(folder))
+        optimizer.load_state_dict(segmodels.read_state(folder, segmodels.OPTIMIZER_FILE))
+        meta = segmodels.read_meta(folder)
+    return {key: meta[key] for key in ("epoch", "best_epoch", "best_val_iou", "best_val_dice",
+                                       "history")}
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train worker loop. config: segmentation (asdict of SegmentationConfig), seed,
+    threads (torch threads for this worker's CPU share)."""
+    seg = segmodels.config_from_meta(config)
+    torch.set_num_threads(config["threads"])
+    set_track_meta(False)  # plain tensors out of MONAI transforms
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(config["seed"] + rank)
+    random.seed(config["seed"] + rank)
+    device = get_device()
+    model = prepare_model(segmodels.build_segmenter(seg))
+    optimizer = torch.optim.Adam(model.parameters(), lr=seg.lr)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
+    state = _resume_state(model, optimizer)
+    transform = preprocess.training_transform(seg.roi_size, seg.crops_per_volume,
+                                              seed=config["seed"] + 1000 * state["epoch"] + rank)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_iterator = ray.train.get_dataset_shard("val")
+    while state["epoch"] < seg.epochs and state["epoch"] - state["best_epoch"] < seg.patience:
+        started = time.perf_counter()
+        model.train()
+        losses = []
+        for images, targets in _crop_batches(train_shard, transform, seg.batch_size):
+            optimizer.zero_grad()
+            loss = loss_fn(model(images.to(device)), targets.to(device))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        metrics = _validate(model, val_iterator, seg, device)
+        state["epoch"] += 1
+        if metrics[SCORE] > state["best_val_iou"]:
+            state.update(best_epoch=state["epoch"], best_val_iou=metrics["val_iou"],
+                         best_val_dice=metrics["val_dice"])
+        metrics.update(epoch=state["epoch"], train_loss=float(np.mean(losses)) if losses else math.nan,
+                       seconds=time.perf_counter() - started)
+        state["history"].append(metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                meta = {"segmentation": config["segmentation"], **state, **metrics}
+                segmodels.write_checkpoint(folder, model, meta, optimizer)
+                checkpoint = Checkpoint.from_directory(folder)
+                print(f"segmentation epoch {state['epoch']}/{seg.epochs}: loss "
+                      f"{metrics['train_loss']:.3f}, val Dice {metrics['val_dice']:.3f}, IoU "
+                      f"{metrics['val_iou']:.3f} (best {state['best_val_iou']:.3f} at epoch "
+                      f"{state['best_epoch']}), {metrics['seconds']:.1f} s", flush=True)
+            ray.train.report(metrics, checkpoint=checkpoint)
+    return state
+
+
+def worker_layout(num_workers: int) -> tuple[int, bool, float]:
+    """(workers, use_gpu, CPUs per worker) from the cluster: one worker per GPU when there are
+    GPUs; otherwise `num_workers` (0: one per node), sharing the CPUs of the smallest node."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return (num_workers or gpus), True, 1.0
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes()
+                 if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    if not node_cpus:
+        raise ValueError("the Ray cluster has no CPUs to train on")
+    workers = num_workers or len(node_cpus)
+    per_worker = max(1.0, math.floor(min(node_cpus) * len(node_cpus) / workers))
+    return workers, False, float(min(per_worker, max(node_cpus)))
+
+
+def _checkpoint_location(checkpoint: Checkpoint, storage_path: str) -> str:
+    """A checkpoint's folder as a path, or as a URI when training stored to one."""
+    if storage.is_uri(storage_path):
+        return f"{storage_path.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
+
+
+def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
+                    progress: Callable[[str], None] = print) -> SegmenterResult:
+    """Train on the series with split "train", select on split "val" (patient-grouped upstream).
+
+    storage_path: a folder or URI for Ray Train's run directory (multi-node clusters need shared
+    storage); re-running with the same storage_path and name resumes that run.
+    """
+    seg = cfg.segmentation
+    segmodels.build_segmenter(seg)  # fail on bad settings before any Ray work
+    missing = {"series_id", "image_uri", "mask_uri", "split"} - set(series.columns)
+    if missing:
+        raise ValueError(f"series table lacks columns {sorted(missing)}")
+    started = time.perf_counter()
+    rows = series[["series_id", "image_uri", "mask_uri", "split"]].to_dict("records")
+    volumes = (
+        ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+        .flat_map(load_training_volume,
+                  fn_kwargs={"target_spacing_mm": tuple(seg.target_spacing_mm),
+                             "roi_size": tuple(seg.roi_size)})
+        .materialize()
+    )
+    status = volumes.select_columns(["series_id", "error", "file"]).to_pandas()
+    skipped = status[status["error"] != ""]
+    for _, bad in skipped.iterrows():
+        progress(f"segmentation: skipping {bad['series_id']}: {bad['error']}")
+    good = set(status.loc[status["error"] == "", "series_id"])
+    split_of = dict(zip(series["series_id"], series["split"], strict=True))
+    datasets = {}
+    for split in ("train", "val"):
+        ids = {s for s in good if split_of[s] == split}
+        if not ids:
+            raise ValueError(f"no usable {split!r} series to train the segmenter with")
+        datasets[split] = volumes.filter(lambda r, ids=ids: r["series_id"] in ids).materialize()
+        progress(f"segmentation: {len(ids)} {split} series preprocessed")
+    workers, use_gpu, cpus = worker_layout(seg.num_workers)
+    progress(f"segmentation: training {seg.model} on {workers} worker(s), "
+             f"{'GPU' if use_gpu else f'{cpus:g} CPU'} each")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"segmentation": dataclasses.asdict(seg), "seed": cfg.seed,
+                           "threads": max(1, int(cpus))},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=name, storage_path=storage.absolute(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    state = result.return_value
+    best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
+    path = _checkpoint_location(best, storage.absolute(storage_path))
+    meta = json.loads(storage.read_bytes(storage.join(path, segmodels.META_FILE)))
+    summary = SegmenterResult(
+        checkpoint_path=path, best_val_dice=float(meta["val_dice"]),
+        best_val_iou=float(meta["val_iou"]), epochs_run=int(state["epoch"]),
+        history=state["history"], wall_s=time.perf_counter() - started,
+        skipped=[{"series_id": r.series_id, "file": r.file, "reason": r.error}
+                 for r in skipped.itertuples()],
+    )
+    progress(f"segmentation: best val Dice {summary.best_val_dice:.3f}, IoU "
+             f"{summary.best_val_iou:.3f} after {summary.epochs_run} epochs, "
+             f"{summary.wall_s:.0f} s")
+    return summary

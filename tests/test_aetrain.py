@@ -1,0 +1,106 @@
+"""Autoencoder training: the plain epoch loop, the training-disc selection, and Ray Train."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import config
+from pipeline.aetrain import (
+    evaluate_ious,
+    fit_epochs,
+    load_training_cubes,
+    train_autoencoder,
+)
+from pipeline.autoencoder import DiscAutoencoder, load_model
+from tests.disc_cubes import disc_cube, one_torch_thread, write_discs  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _tiny_cfg(max_epochs: int = 4):
+    cfg = config.demo()
+    cfg.autoencoder.channels = (4, 8)
+    cfg.autoencoder.batch_size = 4
+    cfg.autoencoder.max_epochs = max_epochs
+    cfg.autoencoder.checkpoint_every = 2
+    return cfg
+
+
+def _cubes(n: int, size: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return np.stack([disc_cube(size, rng) for _ in range(n)])
+
+
+def _fit(cubes, max_epochs, **kwargs):
+    torch.manual_seed(0)
+    model = DiscAutoencoder(16, (4, 8), 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, fit_epochs(model, cubes, optimizer, batch_size=4, max_epochs=max_epochs,
+                             **{"iou_target": 0.995, **kwargs})
+
+
+def test_fit_epochs_lowers_the_loss_and_scores_every_disc():
+    cubes = _cubes(7)
+    model, fit = _fit(cubes, max_epochs=6)
+    assert [s.epoch for s in fit.history] == [1, 2, 3, 4, 5, 6]
+    assert fit.history[-1].loss < fit.history[0].loss
+    assert all(s.n_discs == 7 for s in fit.history)  # the whole training set, every epoch
+    assert fit.done and not fit.converged and not fit.stopped_early
+    ious = evaluate_ious(model, torch.as_tensor(cubes))
+    assert ious.shape == (7,) and fit.last.mean_iou == pytest.approx(ious.mean())
+    assert model.training  # evaluation restores the training mode
+
+
+def test_fit_epochs_stops_at_convergence_on_a_stop_rule_and_resumes():
+    cubes = _cubes(5)
+    _, fit = _fit(cubes, max_epochs=50, iou_target=0.0)
+    assert fit.converged and len(fit.history) == 1
+    _, fit = _fit(cubes, max_epochs=50, stop_rule=lambda ious: len(ious) >= 3)
+    assert fit.stopped_early and not fit.converged and len(fit.history) == 3
+    _, first = _fit(cubes, max_epochs=2)
+    _, resumed = _fit(cubes, max_epochs=4, history=first.history)
+    assert [s.epoch for s in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[:2] == first.history
+    _, finished = _fit(cubes, max_epochs=2, history=first.history)
+    assert finished.done and finished.history == first.history  # nothing left to train
+
+
+def test_training_cubes_are_reference_masks_of_training_patients(tmp_path):
+    discs = write_discs(tmp_path / "discs.parquet", n_series=4, size=16, discs_per_series=3)
+    cubes = load_training_cubes(discs, _tiny_cfg())
+    # series 1-3 are "train", series 4 "val"; predicted copies are excluded
+    assert cubes.shape == (9, 16, 16, 16) and cubes.dtype == np.uint8
+    cfg = _tiny_cfg()
+    cfg.autoencoder.train_splits = ("test",)
+    with pytest.raises(ValueError, match="no reference cubes"):
+        load_training_cubes(discs, cfg)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_training_cubes(str(tmp_path / "missing"), cfg)
+
+
+@pytest.mark.slow
+def test_ray_train_lowers_the_loss_and_resumes_on_two_workers(tmp_path, ray_session):
+    discs = write_discs(tmp_path / "discs.parquet", n_series=3, size=16, discs_per_series=3)
+    storage_path, name = str(tmp_path / "ray"), f"ae-{tmp_path.name}"
+    first = train_autoencoder(discs, _tiny_cfg(max_epochs=4), 3, storage_path, name,
+                              progress=lambda _: None, cpus_per_worker=1.0)
+    losses = [h["loss"] for h in first.history]
+    assert first.epochs == 4 and len(losses) == 4 and losses[-1] < losses[0]
+    assert all(h["n_discs"] == 9 for h in first.history)
+    model, meta = load_model(first.checkpoint_path)
+    assert model.bottleneck == 3 and meta["epochs"] == 4
+    assert first.iou_ci_low <= first.mean_iou <= first.iou_ci_high
+
+    # The same name resumes from the last checkpoint, here on two data-parallel workers that
+    # still judge the IoU over all 9 discs (5 on one worker, 4 on the other).
+    cfg = _tiny_cfg(max_epochs=6)
+    cfg.autoencoder.num_workers = 2
+    resumed = train_autoencoder(discs, cfg, 3, storage_path, name, progress=lambda _: None,
+                                cpus_per_worker=1.0)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    assert resumed.history[:4] == first.history
+    assert all(h["n_discs"] == 9 for h in resumed.history)
+    assert resumed.checkpoint_path != first.checkpoint_path
+    assert load_model(resumed.checkpoint_path)[1]["epochs"] == 6

@@ -1,0 +1,228 @@
+"""Failures from outside: a write killed half-way, a job interrupted half-way, a training worker
+and a Segmenter actor killed mid-run. Each must leave outputs whole and a re-run (or Ray's own
+retry) must finish with the same rows, none lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import cohort, config, extract, segmodels, storage, tables
+from pipeline.segtrain import train_segmenter
+from pipeline.synthetic import synthesize
+from tests.test_end_to_end import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [item for item in TINY if not item.startswith("synthetic.")] + [
+    "segmentation.epochs=1"]
+COLUMNS = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + ["match_dice", "disc_status"]
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """Five synthetic patients (four train, one val by overview.csv's subset) and their series."""
+    root = tmp_path_factory.mktemp("faults") / "data"
+    synthesize(str(root), patients=5, seed=0, sequences=("t1",))
+    series = cohort.catalog(str(root), sequence="t1", val_fraction=0.2, seed=0).series
+    assert set(series["split"]) == {"train", "val"}
+    return root, series
+
+
+def _discs(out: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(tables.path(str(out), tables.DISCS), columns=COLUMNS)
+    return frame.sort_values(["series_id", "mask_source", "ivd_label"]).reset_index(drop=True)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np, pandas as pd
+    from pipeline import storage
+    target = sys.argv[1]
+    tables = [pd.DataFrame({"value": np.full(3_000_000, float(v))}) for v in (1, 2)]
+    print("writing", flush=True)
+    for n in range(10_000):
+        storage.write_table(tables[n % 2], target)
+""")
+
+
+@pytest.mark.parametrize("delay_s", [0.05, 0.2, 0.45])
+def test_a_killed_write_leaves_the_old_file_or_the_new_one(tmp_path, delay_s):
+    folder = tmp_path / "discs.parquet"
+    target = folder / "1_t1.parquet"
+    storage.write_table(pd.DataFrame({"value": [0.0] * 10}), str(target))
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    time.sleep(delay_s)
+    writer.kill()
+    writer.wait()
+    table = pd.read_parquet(folder)  # the folder as a later stage reads it: no partial file
+    values = set(table["value"])
+    assert len(values) == 1
+    assert (values, len(table)) in [({0.0}, 10), ({1.0}, 3_000_000), ({2.0}, 3_000_000)]
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == ["1_t1.parquet"]
+
+
+def test_a_failed_staged_write_leaves_the_old_table(tmp_path):
+    location = str(tmp_path / "latents.parquet")
+    with storage.staged_dir(location) as staged:
+        storage.write_table(pd.DataFrame({"z0": [1.0]}), storage.join(staged, "part.parquet"))
+    with pytest.raises(RuntimeError), storage.staged_dir(location) as staged:
+        storage.write_table(pd.DataFrame({"z0": [2.0]}), storage.join(staged, "part.parquet"))
+        raise RuntimeError("worker died mid-write")
+    assert pd.read_parquet(location)["z0"].tolist() == [1.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["latents.parquet"]
+
+
+def test_an_interrupted_job_resumes_to_the_same_tables(small_cohort, tmp_path, ray_session):
+    root, _ = small_cohort
+    out = tmp_path / "out"
+    command = [sys.executable, "jobs/run_pipeline.py", "--data", str(root), "--out", str(out),
+               "--stages", "catalog,segtrain,extract"]
+    command += [a for item in FAST for a in ("--set", item)]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if "extract" in line and "streaming inference" in line:
+            break
+    time.sleep(4)  # some series in flight, most not yet written
+    job.send_signal(signal.SIGINT)
+    try:
+        job.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # the Ray processes this job started
+        job.wait()
+    assert job.returncode != 0, "".join(lines)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["segtrain"]["status"] == "done"
+    assert manifest["stages"].get("extract", {}).get("status") != "done"
+
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "segtrain   skipped" in rerun.stdout and "catalog    skipped" in rerun.stdout
+
+    # The same checkpoint, uninterrupted: every row (reference and predicted) must agree.
+    checkpoint = json.loads((out / "manifest.json").read_text())["stages"]["segtrain"][
+        "results"]["checkpoint"]
+    series = pd.read_parquet(tables.path(str(out), tables.SERIES))
+    fresh = tmp_path / "fresh"
+    extract.run_extraction(series, config.load("demo", FAST), checkpoint, str(fresh),
+                           progress=None)
+    pd.testing.assert_frame_equal(_discs(out), _discs(fresh))
+    catalogued = cohort.catalog(str(root), sequence="t1", val_fraction=0.2, seed=0).series
+    pd.testing.assert_frame_equal(series, catalogued)
+
+
+def _alive_pids(class_fragment: str) -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    # This session's cluster by address: other Ray instances may run on the same machine.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("state", "=", "ALIVE")])
+    # Ray Data's pool actors are class _MapWorker, named "MapWorker(...Segmenter)" in repr_name.
+    return [a.pid for a in actors
+            if class_fragment in f"{a.class_name} {a.repr_name or ''}" and a.pid]
+
+
+def _kill_when(condition, class_fragment: str, killed: list, settle_s: float = 0.0,
+               timeout_s: float = 240) -> None:
+    """Poll until `condition()` holds, wait `settle_s`, then SIGKILL every live actor of that
+    class."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            time.sleep(settle_s)
+            pids = _alive_pids(class_fragment)
+            if pids:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed.extend(pids)
+                return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def killed_training(small_cohort, tmp_path_factory, ray_session) -> dict:
+    """Two epochs of segmenter training whose worker is SIGKILLed once epoch 1's checkpoint is
+    on disk; FailureConfig restarts it from that checkpoint."""
+    _, series = small_cohort
+    cfg = config.load("demo", [*FAST, "segmentation.epochs=2", "segmentation.patience=2"])
+    storage_path = tmp_path_factory.mktemp("killed_training")
+    first_checkpoints = []
+
+    def epoch_one_saved() -> bool:
+        for meta in storage_path.glob("segmenter/checkpoint_*/meta.json"):
+            first_checkpoints.append(json.loads(meta.read_text()))
+            return True
+        return False
+
+    killed: list[int] = []
+    # The folder appears a moment before Ray registers it as the run's checkpoint; kill a few
+    # seconds into epoch 2 (an epoch takes about 10 s here).
+    killer = threading.Thread(target=_kill_when, args=(epoch_one_saved, "TrainWorker", killed, 3.0),
+                              daemon=True)
+    killer.start()
+    result = train_segmenter(series, cfg, storage_path=str(storage_path), name="segmenter",
+                             progress=lambda line: None)
+    killer.join(timeout=5)
+    return {"result": result, "killed": killed, "before": first_checkpoints, "cfg": cfg}
+
+
+def test_a_killed_training_worker_resumes_from_its_checkpoint(killed_training):
+    result, cfg = killed_training["result"], killed_training["cfg"]
+    assert killed_training["killed"], "no training worker was killed"
+    assert result.epochs_run == cfg.segmentation.epochs
+    assert [h["epoch"] for h in result.history] == list(range(1, cfg.segmentation.epochs + 1))
+    # Epoch 1 was not trained again after the kill: its record is the checkpoint's, to the bit.
+    assert result.history[0] == killed_training["before"][0]["history"][0]
+    model, meta = segmodels.load_segmenter(result.checkpoint_path)
+    assert meta["epoch"] in (1, 2) and model is not None
+
+
+def test_a_killed_segmenter_actor_loses_and_duplicates_no_rows(small_cohort, killed_training,
+                                                               tmp_path):
+    """Ray Data restarts the actor and resubmits its series; per-series files make the retry
+    overwrite rather than append."""
+    _, series = small_cohort
+    out = tmp_path / "killed"
+    cfg = config.load("demo", FAST)
+    checkpoint = killed_training["result"].checkpoint_path
+    first_file = tables.path(str(out), tables.DISCS)
+
+    def some_series_written() -> bool:
+        folder = Path(first_file)
+        return folder.exists() and any(p.suffix == ".parquet" for p in folder.iterdir())
+
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_when, args=(some_series_written, "Segmenter", killed),
+                              daemon=True)
+    killer.start()
+    result = extract.run_extraction(series, cfg, checkpoint, str(out), progress=None)
+    killer.join(timeout=5)
+    assert killed, "no Segmenter actor was killed"
+    assert not result.errors
+    assert sorted(result.metrics["series_id"]) == sorted(series["series_id"])
+    fresh = tmp_path / "fresh"
+    extract.run_extraction(series, cfg, checkpoint, str(fresh), progress=None)
+    killed_rows, fresh_rows = _discs(out), _discs(fresh)
+    assert not killed_rows.duplicated(tables.DISC_KEYS).any()
+    pd.testing.assert_frame_equal(killed_rows, fresh_rows)
+    assert np.isfinite(killed_rows.loc[killed_rows.mask_source == "reference",
+                                       "volume_mm3"]).all()

@@ -1,0 +1,126 @@
+"""The bottleneck sweep: the selection rule, resource planning, and both trial modes on Tune."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import config, storage, tables
+from pipeline.autoencoder import load_model
+from tests.disc_cubes import write_discs
+from tune.bottleneck_sweep import (
+    COLUMNS,
+    choose_bottleneck,
+    experiment_name,
+    plan_trials,
+    run_sweep,
+)
+
+
+def _trials(rows: list[tuple[int, float, bool, str | None]]) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"bottleneck": k, "mean_iou": iou, "iou_ci_low": iou - 0.01, "iou_ci_high": iou + 0.01,
+         "epochs": 100, "converged": conv, "stopped_early": False, "wall_s": 1.0,
+         "chosen": False, "checkpoint_path": path, "note": ""}
+        for k, iou, conv, path in rows], columns=COLUMNS)
+
+
+def test_chooses_the_smallest_bottleneck_that_converged():
+    table = choose_bottleneck(_trials([
+        (64, 0.9981, True, "/c64"), (8, 0.9983, True, "/c8"), (4, 0.9984, True, "/c4"),
+        (3, 0.72, False, "/c3")]), 0.995)
+    assert table.loc[table.chosen, "bottleneck"].tolist() == [4]
+    assert "smallest bottleneck that converged" in table.loc[table.chosen, "note"].iloc[0]
+    # a better IoU does not beat a smaller converged bottleneck
+    table = choose_bottleneck(_trials([(8, 0.999, True, "/c8"), (4, 0.996, True, "/c4")]), 0.995)
+    assert table.loc[table.chosen, "bottleneck"].tolist() == [4]
+
+
+def test_without_convergence_chooses_the_best_iou_and_says_so():
+    table = choose_bottleneck(_trials([
+        (8, 0.97, False, "/c8"), (4, 0.98, False, "/c4"), (3, 0.99, False, None)]), 0.995)
+    chosen = table[table.chosen]
+    assert chosen.bottleneck.tolist() == [4]  # bottleneck 3 failed: no checkpoint
+    assert "WITHOUT CONVERGENCE" in chosen.note.iloc[0]
+    assert table.chosen.sum() == 1
+    with pytest.raises(ValueError, match="no sweep trial produced a checkpoint"):
+        choose_bottleneck(_trials([(4, math.nan, False, None)]), 0.995)
+
+
+def test_trial_plan_fits_the_cluster():
+    plain = plan_trials({"CPU": 2.0}, n_trials=3, nested=False)
+    assert plain.concurrency == 3 and plain.threads == 1
+    assert plain.trial_resources["cpu"] * plain.concurrency <= 2.0
+    nested = plan_trials({"CPU": 2.0}, n_trials=3, nested=True, num_workers=1)
+    assert nested.trial_resources == {"cpu": 0.01} and nested.concurrency == 2
+    # workers of the trials at once leave a CPU for each trial's Ray Data read
+    assert nested.cpus_per_worker * nested.concurrency + 0.02 <= 1.0 + 1e-9
+    gpu = plan_trials({"CPU": 16.0, "GPU": 2.0}, n_trials=4, nested=False)
+    assert gpu.concurrency == 2 and gpu.trial_resources["gpu"] == 1
+    big = plan_trials({"CPU": 64.0}, n_trials=4, nested=False)
+    assert big.concurrency == 4 and big.threads == 16
+    with pytest.raises(ValueError, match="free CPUs"):
+        plan_trials({"CPU": 0.0}, n_trials=2, nested=False)
+
+
+def test_experiment_name_follows_the_discs_and_the_config(tmp_path):
+    discs = write_discs(tmp_path / "discs.parquet", n_series=2, size=16, discs_per_series=1)
+    cfg = config.demo()
+    name = experiment_name(discs, cfg)
+    assert experiment_name(discs, config.demo()) == name  # a re-run resumes the same sweep
+    cfg.sweep.bottlenecks = (4,)
+    assert experiment_name(discs, cfg) != name
+    write_discs(tmp_path / "discs.parquet", n_series=3, size=16, discs_per_series=1)
+    assert experiment_name(discs, config.demo()) != name  # re-extracted discs: a new sweep
+
+
+def _tiny_sweep_cfg(nested: bool, max_epochs: int):
+    cfg = config.demo()
+    cfg.autoencoder.channels = (4, 8)
+    cfg.autoencoder.checkpoint_every = 2
+    cfg.sweep.bottlenecks = (4, 2)
+    cfg.sweep.max_epochs = max_epochs
+    cfg.sweep.nested_train = nested
+    return cfg
+
+
+def _check_table(out: str, result) -> pd.DataFrame:
+    table = storage.read_table(tables.path(out, tables.SWEEP))
+    assert list(table.columns) == COLUMNS
+    assert sorted(table.bottleneck) == [2, 4] and table.chosen.sum() == 1
+    assert result.chosen_bottleneck == int(table.loc[table.chosen, "bottleneck"].iloc[0])
+    model, _ = load_model(result.chosen_checkpoint)
+    assert model.bottleneck == result.chosen_bottleneck
+    return table
+
+
+@pytest.mark.slow
+def test_plain_sweep_finishes_writes_the_table_and_resumes(tmp_path, ray_session):
+    discs = write_discs(tmp_path / "discs.parquet", n_series=2, size=16, discs_per_series=3)
+    cfg = _tiny_sweep_cfg(nested=False, max_epochs=3)
+    out, ray_storage = str(tmp_path / "out"), str(tmp_path / "ray")
+    result = run_sweep(discs, cfg, ray_storage, out, progress=lambda _: None)
+    table = _check_table(out, result)
+    assert (table.epochs == 3).all() and not table.converged.any()
+    assert not result.any_converged and "WITHOUT CONVERGENCE" in " ".join(table.note)
+    # Same data, config and storage: the finished experiment is restored, not re-trained.
+    messages = []
+    again = run_sweep(discs, cfg, ray_storage, out, progress=messages.append)
+    assert any("resuming" in m for m in messages)
+    assert again.table[["bottleneck", "mean_iou", "epochs"]].equals(
+        result.table[["bottleneck", "mean_iou", "epochs"]])
+
+
+@pytest.mark.slow
+def test_nested_train_sweep_finishes_on_two_cpus(tmp_path, ray_session):
+    discs = write_discs(tmp_path / "discs.parquet", n_series=2, size=16, discs_per_series=3)
+    cfg = _tiny_sweep_cfg(nested=True, max_epochs=2)
+    out = str(tmp_path / "out")
+    result = run_sweep(discs, cfg, str(tmp_path / "ray"), out, progress=lambda _: None)
+    table = _check_table(out, result)
+    assert (table.epochs == 2).all()
+    runs = {Path(p).parent.name for p in table.checkpoint_path}  # one Train run per trial
+    assert len(runs) == 2 and all(r.startswith("bottleneck-sweep-") for r in runs)

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over the pipeline's models (the autoencoder's bottleneck size)."""

@@ -1,0 +1,269 @@
+"""The bottleneck sweep: one autoencoder training per latent size on Ray Tune, then the choice.
+
+As in the paper, the chosen size is the smallest bottleneck whose whole-epoch mean IoU reached
+the target. If none did, the best mean IoU is chosen and the table's `note` says so loudly.
+
+Each trial is either the plain `fit_epochs` loop inside the Tune function trainable
+(cfg.sweep.nested_train=False: laptops; about 5x faster on 2 cores, the cubes are read once on
+the driver) or a TorchTrainer per trial (nested_train=True: clusters, multi-worker/GPU trials).
+Trials stop early on an IoU plateau (cfg.sweep.early_stop) from inside the training loop, so a
+nested trial's Train run ends cleanly and never leaks its placement group (RAY_NOTES: ASHA).
+An interrupted sweep resumes: the same config and storage_path give the same experiment name,
+and Tuner.restore picks up unfinished trials from their last checkpoints.
+
+    python -m tune.bottleneck_sweep --discs OUT/tables/discs.parquet --out OUT [--preset demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import config as config_module
+from pipeline import storage, tables
+from pipeline.aetrain import (
+    TrainSpec,
+    load_training_cubes,
+    train_autoencoder,
+    train_cubes,
+)
+from pipeline.config import Config
+
+COLUMNS = ["bottleneck", "mean_iou", "iou_ci_low", "iou_ci_high", "epochs", "converged",
+           "stopped_early", "wall_s", "chosen", "checkpoint_path", "note"]
+
+
+@dataclass
+class SweepResult:
+    table: pd.DataFrame  # one row per bottleneck, COLUMNS
+    chosen_bottleneck: int
+    chosen_checkpoint: str
+    any_converged: bool
+
+
+@dataclass
+class TrialPlan:
+    """How the sweep's trials share the cluster."""
+
+    concurrency: int  # trials at once
+    trial_resources: dict  # what each Tune trial reserves
+    threads: int  # torch threads per training process
+    cpus_per_worker: float  # nested only: each TorchTrainer worker's CPU share
+
+
+def plan_trials(available: dict, n_trials: int, nested: bool, num_workers: int = 1) -> TrialPlan:
+    """Size trial concurrency from the cluster's free resources.
+
+    Plain trials train in the trial itself and reserve their real share: a GPU each where there
+    are GPUs, else the free CPUs split among the trials that run at once, up to two trials per
+    CPU (3 single-threaded trials on 2 CPUs finish in 1.5 trial-times, not 2 with one core idle
+    at the end). Nested trials reserve
+    almost nothing ({"cpu": 0.01}: a trial reserving a whole CPU beside its trainer's workers
+    never starts on 2 CPUs) and give their workers fractional CPUs, leaving a CPU for Ray Data.
+    """
+    cpus, gpus = float(available.get("CPU", 0.0)), int(available.get("GPU", 0))
+    if cpus < 0.5:
+        raise ValueError(f"the cluster has {cpus:g} free CPUs: not enough for a sweep trial")
+    if not nested:
+        concurrency = min(n_trials, gpus if gpus else max(1, int(2 * cpus)))
+        share = cpus / concurrency
+        resources = {"cpu": min(share, 1.0), "gpu": 1} if gpus else {"cpu": share}
+        return TrialPlan(concurrency, resources, max(1, int(share)), 0.0)
+    slots = gpus // num_workers if gpus else int(cpus // num_workers)
+    concurrency = max(1, min(n_trials, slots))
+    trial_cpu = 0.01
+    spare = min(1.0, cpus / 2)  # for the Ray Data read of each trial's training cubes
+    per_worker = max(0.1, (cpus - spare - trial_cpu * concurrency) / (concurrency * num_workers))
+    return TrialPlan(concurrency, {"cpu": trial_cpu}, max(1, int(per_worker)), per_worker)
+
+
+def choose_bottleneck(table: pd.DataFrame, iou_target: float) -> pd.DataFrame:
+    """Mark the `chosen` row: the smallest bottleneck that converged, as the paper chose; if none
+    converged, the best mean IoU, with a note that says so."""
+    table = table.copy()
+    table["chosen"] = False
+    table["note"] = table["note"].fillna("").astype(str)
+    usable = table[table["checkpoint_path"].notna() & table["mean_iou"].notna()]
+    if usable.empty:
+        raise ValueError("no sweep trial produced a checkpoint: nothing to choose from")
+    converged = usable[usable["converged"].astype(bool)]
+    if len(converged):
+        pick = converged["bottleneck"].idxmin()
+        why = "chosen: smallest bottleneck that converged"
+    else:
+        pick = usable["mean_iou"].idxmax()
+        why = (f"chosen WITHOUT CONVERGENCE: no bottleneck reached mean IoU {iou_target}; "
+               f"this is the best mean IoU ({usable.loc[pick, 'mean_iou']:.4f})")
+    table.loc[pick, "chosen"] = True
+    table.loc[pick, "note"] = "; ".join(n for n in (why, table.loc[pick, "note"]) if n)
+    return table
+
+
+def experiment_name(discs_path: str, cfg: Config) -> str:
+    """Same discs files + settings -> same name, so a re-run resumes (or returns) the same
+    sweep, while re-extracted discs or a changed config start a new one."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(discs_path)
+    files = sorted((f.path.rsplit("/", 1)[-1], f.size, f.mtime_ns)
+                   for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if f.type == pafs.FileType.File)
+    key = cfg.section_json("autoencoder", "sweep", "seed") + repr(files)
+    return f"bottleneck-sweep-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def trial_spec(cfg: Config, bottleneck: int) -> TrainSpec:
+    plateau = (cfg.sweep.plateau_epochs, cfg.sweep.plateau_min_delta) if cfg.sweep.early_stop \
+        else None
+    return TrainSpec.from_config(cfg, bottleneck, cfg.sweep.max_epochs, plateau)
+
+
+def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int) -> None:
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    bottleneck = int(params["bottleneck"])
+
+    def report(metrics: dict, folder: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
+        tune.report({**metrics, "bottleneck": bottleneck}, checkpoint=checkpoint)
+
+    restored = tune.get_checkpoint()
+    with restored.as_directory() if restored else contextlib.nullcontext() as folder:
+        train_cubes(cubes, trial_spec(cfg, bottleneck), report=report, restore_dir=folder,
+                    device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,
+                  experiment: str, cpus_per_worker: float) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    bottleneck = int(params["bottleneck"])
+    spec = trial_spec(cfg, bottleneck)
+    result = train_autoencoder(
+        discs_path, cfg, bottleneck, storage_path,
+        name=f"{experiment}-{tune.get_context().get_trial_id()}", progress=lambda _: None,
+        callbacks=[TuneReportCallback()], max_epochs=spec.max_epochs, plateau=spec.plateau,
+        cpus_per_worker=cpus_per_worker)
+    tune.report({"bottleneck": bottleneck, "epochs": result.epochs,
+                 "mean_iou": result.mean_iou, "iou_ci_low": result.iou_ci_low,
+                 "iou_ci_high": result.iou_ci_high, "converged": result.converged,
+                 "stopped_early": result.stopped_early, "done": True,
+                 "checkpoint_path": result.checkpoint_path})
+
+
+def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
+              progress: Callable[[str], None] = print) -> SweepResult:
+    """Train one autoencoder per cfg.sweep.bottlenecks on Ray Tune, choose one, and write
+    tables.path(out, SWEEP)."""
+    import ray
+    from ray import tune
+
+    bottlenecks = list(dict.fromkeys(int(b) for b in cfg.sweep.bottlenecks))
+    if not bottlenecks or min(bottlenecks) < 1:
+        raise ValueError(f"sweep.bottlenecks must be positive sizes; got {cfg.sweep.bottlenecks}")
+    nested = cfg.sweep.nested_train
+    plan = plan_trials(ray.available_resources(), len(bottlenecks), nested,
+                       cfg.autoencoder.num_workers)
+    if not storage.exists(discs_path):
+        raise ValueError(f"discs table {discs_path} does not exist: run disc extraction first")
+    storage_path = storage.absolute(storage_path)
+    name = experiment_name(discs_path, cfg)
+    if nested:
+        trainable = tune.with_parameters(
+            _nested_trial, discs_path=discs_path, cfg=cfg, storage_path=storage_path,
+            experiment=name, cpus_per_worker=plan.cpus_per_worker)
+    else:
+        cubes = load_training_cubes(discs_path, cfg)
+        trainable = tune.with_parameters(_plain_trial, cubes=cubes, cfg=cfg,
+                                         threads=plan.threads)
+    trainable = tune.with_resources(trainable, plan.trial_resources)
+    experiment_path = storage.join(storage_path, name)
+    mode = "a TorchTrainer per trial" if nested else "a plain loop per trial"
+    progress(f"bottleneck sweep {bottlenecks} ({mode}), {plan.concurrency} at once, "
+             f"{plan.trial_resources} each")
+    start = time.perf_counter()
+    if tune.Tuner.can_restore(experiment_path):
+        progress(f"resuming the sweep in {experiment_path}")
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"bottleneck": tune.grid_search(bottlenecks)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrency),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=2)),
+        )
+    grid = tuner.fit()
+    table = choose_bottleneck(_trial_rows(grid), cfg.autoencoder.iou_target)
+    storage.write_table(table, tables.path(out, tables.SWEEP))
+    chosen = table[table["chosen"]].iloc[0]
+    any_converged = bool(table["converged"].any())
+    progress(f"bottleneck sweep done in {time.perf_counter() - start:.0f} s:\n"
+             + table[COLUMNS[:9]].to_string(index=False))
+    if not any_converged:
+        progress(f"WARNING: no bottleneck converged to mean IoU {cfg.autoencoder.iou_target}; "
+                 f"using the best IoU, bottleneck {int(chosen['bottleneck'])}")
+    return SweepResult(table, int(chosen["bottleneck"]), str(chosen["checkpoint_path"]),
+                       any_converged)
+
+
+def _trial_rows(grid) -> pd.DataFrame:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        checkpoint = metrics.get("checkpoint_path") or (
+            result.checkpoint.path if result.checkpoint else None)
+        note = ""
+        if result.error is not None:
+            note = f"trial failed: {str(result.error).strip().splitlines()[-1][:200]}"
+        elif metrics.get("stopped_early"):
+            note = f"stopped early: IoU plateaued at epoch {metrics.get('epochs')}"
+        elif not metrics.get("converged", False):
+            note = "reached max_epochs without converging"
+        rows.append({
+            "bottleneck": int(result.config["bottleneck"]),
+            "mean_iou": metrics.get("mean_iou", math.nan),
+            "iou_ci_low": metrics.get("iou_ci_low", math.nan),
+            "iou_ci_high": metrics.get("iou_ci_high", math.nan),
+            "epochs": int(metrics.get("epochs", 0)),
+            "converged": bool(metrics.get("converged", False)),
+            "stopped_early": bool(metrics.get("stopped_early", False)),
+            "wall_s": float(metrics.get("time_total_s", math.nan)),
+            "chosen": False, "checkpoint_path": checkpoint, "note": note})
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    return table.sort_values("bottleneck", ascending=False, ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> SweepResult:
+    import ray
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--discs", required=True, help="discs.parquet folder (path or URI)")
+    parser.add_argument("--out", required=True, help="output root; writes tables/" + tables.SWEEP)
+    parser.add_argument("--storage", help="Ray Tune/Train storage (default OUT/ray)")
+    parser.add_argument("--preset", default="demo", choices=sorted(config_module.PRESETS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="section.field=value")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    args = parser.parse_args(argv)
+    cfg = config_module.load(args.preset, args.overrides)
+    ray.init(address=args.address)
+    storage_path = args.storage or storage.join(storage.absolute(args.out), "ray")
+    return run_sweep(args.discs, cfg, storage_path, args.out)
+
+
+if __name__ == "__main__":
+    main()
