@@ -250,8 +250,9 @@ def analysis_frame(discs: pd.DataFrame, latents: pd.DataFrame | None, gradings: 
                              key=lambda c: int(c[1:]))
         if not latent_cols:
             raise ValueError("latents: no z0..z{k-1} columns")
-        if latents.duplicated(_JOIN_KEYS).any():
-            raise ValueError("latents: several rows for one disc (patient, series, level, source)")
+        # Split and unmatched predicted discs share a level within a series; they are the
+        # discs already excluded above, so their latents are dropped too, never guessed at.
+        latents = latents[~latents.duplicated(_JOIN_KEYS, keep=False)]
         frame = discs.merge(latents[_JOIN_KEYS + latent_cols], on=_JOIN_KEYS, how="left")
         for source in frame.mask_source.unique():
             part = frame[frame.mask_source == source]

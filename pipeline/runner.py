@@ -126,6 +126,10 @@ def run_stages(
         seconds = time.time() - started
         ctx.results[stage.name] = outcome.results
         errors[stage.name] = outcome.errors
+        # errors.parquet is written before the stage's key is taken: the report reads it, and a
+        # rewrite after the key would make the report look stale on every re-run.
+        all_errors = [row for name in names for row in errors.get(name, [])]
+        storage.write_table(tables.errors_frame(all_errors), ctx.table(tables.ERRORS))
         manifest.record(
             stage.name, status="done", key=stage_key(stage, ctx), seconds=round(seconds, 2),
             results=outcome.results, counts=outcome.counts, errors=outcome.errors,
@@ -134,8 +138,6 @@ def run_stages(
         counts = ", ".join(f"{k} {v}" for k, v in outcome.counts.items())
         quarantined = f", {len(outcome.errors)} quarantined" if outcome.errors else ""
         ctx.progress(f"{label} done in {seconds:.0f} s ({counts}{quarantined})")
-        all_errors = [row for name in names for row in errors.get(name, [])]
-        storage.write_table(tables.errors_frame(all_errors), ctx.table(tables.ERRORS))
     all_errors = [row for name in names for row in errors.get(name, [])]
     manifest.update(quarantined=all_errors, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return EXIT_PARTIAL if all_errors else EXIT_OK

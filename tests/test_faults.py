@@ -204,15 +204,11 @@ def test_a_killed_segmenter_actor_loses_and_duplicates_no_rows(small_cohort, kil
     out = tmp_path / "killed"
     cfg = config.load("demo", FAST)
     checkpoint = killed_training["result"].checkpoint_path
-    first_file = tables.path(str(out), tables.DISCS)
-
-    def some_series_written() -> bool:
-        folder = Path(first_file)
-        return folder.exists() and any(p.suffix == ".parquet" for p in folder.iterdir())
-
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_when, args=(some_series_written, "Segmenter", killed),
-                              daemon=True)
+    # The pool's actor segments all five series in a few seconds: kill it 1.5 s after it starts.
+    killer = threading.Thread(target=_kill_when,
+                              args=(lambda: bool(_alive_pids("Segmenter")), "Segmenter", killed,
+                                    1.5), daemon=True)
     killer.start()
     result = extract.run_extraction(series, cfg, checkpoint, str(out), progress=None)
     killer.join(timeout=5)
