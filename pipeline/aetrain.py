@@ -182,12 +182,14 @@ class TrainSpec:
 
 
 def fit_summary(fit: Fit) -> dict:
-    """The metrics every report carries (and a sweep trial's result)."""
+    """The metrics every report carries (and a sweep trial's result). No "done" key: Tune reads
+    it as "stop this trial now" and would kill a nested TorchTrainer before it releases its
+    placement group."""
     last = fit.last
     return {"epochs": last.epoch, "loss": last.loss, "mean_iou": last.mean_iou,
             "iou_ci_low": last.iou_ci_low, "iou_ci_high": last.iou_ci_high,
             "n_discs": last.n_discs, "converged": fit.converged,
-            "stopped_early": fit.stopped_early, "done": fit.done}
+            "stopped_early": fit.stopped_early}
 
 
 def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,

@@ -141,11 +141,11 @@ def _disc_rows(found: list, source: str, sample: dict, label_map: np.ndarray | N
     for disc in found:
         try:
             measured = geometry.measure_disc(disc.mask, spacing)
+            bulge = (geometry.measure_bulge(label_map, spacing, disc.ivd_label)
+                     if label_map is not None else dict.fromkeys(tables.BULGE, math.nan))
         except ValueError as err:
             skipped.append(f"{source} disc {disc.ivd_label} ({disc.level or disc.status}): {err}")
             continue
-        bulge = (geometry.measure_bulge(label_map, spacing, disc.ivd_label)
-                 if label_map is not None else dict.fromkeys(tables.BULGE, math.nan))
         cube, fits = discs.disc_cube(disc, spacing, cfg.discs.cube_size, cfg.discs.cube_spacing_mm)
         rows.append({"patient_id": sample["patient_id"], "series_id": sample["series_id"],
                      "ivd_label": int(disc.ivd_label), "level": disc.level,
@@ -178,10 +178,12 @@ def extract_series(sample: dict, cfg: Config, out: str) -> dict:
         "n_predicted_discs": 0, "skipped_discs": "", "error": str(sample["error"]),
         "file": str(sample["file"])}
     if record["error"]:
-        stale = disc_table_path(out, record["series_id"])
-        if storage.exists(stale):  # an earlier run's rows for a file that is now refused
-            fs, path = storage.filesystem(stale)
-            fs.delete_file(path)
+        # an earlier run's outputs for files that are now refused must not linger
+        for stale in (disc_table_path(out, record["series_id"]),
+                      prediction_path(out, record["series_id"])):
+            if storage.exists(stale):
+                fs, path = storage.filesystem(stale)
+                fs.delete_file(path)
         return record
     grid = preprocess.Grid.from_record(sample)
     spacing = grid.native_spacing

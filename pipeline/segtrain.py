@@ -29,6 +29,7 @@ import torch
 from monai.data import set_track_meta
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
+from ray.data.expressions import col
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -57,19 +58,20 @@ class SegmenterResult:
     skipped: list[dict] = dataclasses.field(default_factory=list)  # unreadable series: file, reason
 
 
-def load_training_volume(row: dict, target_spacing_mm, roi_size) -> list[dict]:
-    """Ray Data flat_map: one series -> its preprocessed image and disc target on the model grid
-    (or nothing, with the reason, when the files are unusable)."""
+def load_training_volume(row: dict, target_spacing_mm, roi_size) -> dict:
+    """Ray Data map: one series -> its preprocessed image and disc target on the model grid, or
+    empty arrays and the reason when its files are unusable."""
+    base = {"series_id": row["series_id"], "split": row["split"]}
     try:
         image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"])
         validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
     except preprocess.BadInput as err:
-        return [{"series_id": row["series_id"], "error": str(err), "file": err.file,
-                 "image": np.zeros((1, 1, 1), np.float32), "label": np.zeros((1, 1, 1), np.uint8)}]
+        return {**base, "error": str(err), "file": err.file,
+                "image": np.zeros((0, 0, 0), np.float32), "label": np.zeros((0, 0, 0), np.uint8)}
     grid = preprocess.plan_grid(image.array.shape, image.spacing, target_spacing_mm, roi_size)
-    return [{"series_id": row["series_id"], "error": "", "file": "",
-             "image": preprocess.preprocess_image(image.array, grid),
-             "label": preprocess.preprocess_mask(mask.array, grid)}]
+    return {**base, "error": "", "file": "",
+            "image": preprocess.preprocess_image(image.array, grid),
+            "label": preprocess.preprocess_mask(mask.array, grid)}
 
 
 def dice_iou(predicted: np.ndarray, target: np.ndarray) -> tuple[float, float]:
@@ -229,24 +231,23 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
     rows = series[["series_id", "image_uri", "mask_uri", "split"]].to_dict("records")
     volumes = (
         ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        .flat_map(load_training_volume,
-                  fn_kwargs={"target_spacing_mm": tuple(seg.target_spacing_mm),
-                             "roi_size": tuple(seg.roi_size)})
+        .map(load_training_volume,
+             fn_kwargs={"target_spacing_mm": tuple(seg.target_spacing_mm),
+                        "roi_size": tuple(seg.roi_size)})
         .materialize()
     )
-    status = volumes.select_columns(["series_id", "error", "file"]).to_pandas()
+    status = volumes.select_columns(["series_id", "split", "error", "file"]).to_pandas()
     skipped = status[status["error"] != ""]
-    for _, bad in skipped.iterrows():
-        progress(f"segmentation: skipping {bad['series_id']}: {bad['error']}")
-    good = set(status.loc[status["error"] == "", "series_id"])
-    split_of = dict(zip(series["series_id"], series["split"], strict=True))
+    for bad in skipped.itertuples():
+        progress(f"segmentation: skipping {bad.series_id}: {bad.error}")
     datasets = {}
     for split in ("train", "val"):
-        ids = {s for s in good if split_of[s] == split}
-        if not ids:
+        usable = int(((status["split"] == split) & (status["error"] == "")).sum())
+        if not usable:
             raise ValueError(f"no usable {split!r} series to train the segmenter with")
-        datasets[split] = volumes.filter(lambda r, ids=ids: r["series_id"] in ids).materialize()
-        progress(f"segmentation: {len(ids)} {split} series preprocessed")
+        datasets[split] = volumes.filter(
+            expr=(col("split") == split) & (col("error") == "")).materialize()
+        progress(f"segmentation: {usable} {split} series preprocessed")
     workers, use_gpu, cpus = worker_layout(seg.num_workers)
     progress(f"segmentation: training {seg.model} on {workers} worker(s), "
              f"{'GPU' if use_gpu else f'{cpus:g} CPU'} each")

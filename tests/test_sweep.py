@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -124,3 +125,18 @@ def test_nested_train_sweep_finishes_on_two_cpus(tmp_path, ray_session):
     assert (table.epochs == 2).all()
     runs = {Path(p).parent.name for p in table.checkpoint_path}  # one Train run per trial
     assert len(runs) == 2 and all(r.startswith("bottleneck-sweep-") for r in runs)
+    # Every trial's Train placement group is released (a reported "done" metric once made Tune
+    # kill trials mid-shutdown, leaking them and hanging the next stage on 2 CPUs).
+    for _ in range(50):
+        if _train_groups_left(ray_session) == 0:
+            break
+        time.sleep(0.2)
+    assert _train_groups_left(ray_session) == 0
+
+
+def _train_groups_left(ray) -> int:
+    from ray.util import placement_group_table
+
+    return sum(v["state"] == "CREATED" and any(b.get("CPU", 0) > 0.01 for b in
+                                               v["bundles"].values())
+               for v in placement_group_table().values())

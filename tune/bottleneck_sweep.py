@@ -158,7 +158,7 @@ def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,
     tune.report({"bottleneck": bottleneck, "epochs": result.epochs,
                  "mean_iou": result.mean_iou, "iou_ci_low": result.iou_ci_low,
                  "iou_ci_high": result.iou_ci_high, "converged": result.converged,
-                 "stopped_early": result.stopped_early, "done": True,
+                 "stopped_early": result.stopped_early,
                  "checkpoint_path": result.checkpoint_path})
 
 
