@@ -21,8 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q
 
+# Benchmarks print tables and write bench/results/*.json; the streaming one reuses the segmenter
+# trained by a finished `make demo`.
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/geometry_accuracy.py
+	$(PY) bench/stream_vs_loop.py --checkpoint "$$($(PY) -c 'import json; print(json.load(open("demo/out/manifest.json"))["stages"]["segtrain"]["results"]["checkpoint"])')"
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
