@@ -119,9 +119,11 @@ def test_training_loader_skips_bad_volumes_with_the_reason(cohorts):
     for series_id, file, words in [("107_t1", "masks/107_t1.mha", "no disc labels"),
                                    ("110_t1", "images/110_t1.mha", "constant"),
                                    ("108_t1", "masks/108_t1.mha", "does not define")]:
-        row = {"series_id": series_id, "image_uri": str(root / "images" / f"{series_id}.mha"),
+        row = {"series_id": series_id, "split": "train",
+               "image_uri": str(root / "images" / f"{series_id}.mha"),
                "mask_uri": str(root / "masks" / f"{series_id}.mha")}
-        [record] = segtrain.load_training_volume(row, seg.target_spacing_mm, seg.roi_size)
+        record = segtrain.load_training_volume(row, seg.target_spacing_mm, seg.roi_size)
+        assert record["image"].size == 0
         assert record["file"] == str(root / file)
         assert words in record["error"]
 
