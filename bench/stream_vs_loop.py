@@ -36,12 +36,11 @@ from pipeline.synthetic import synthesize  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "stream_vs_loop.json"
 
 
-def run_loop(series, cfg, checkpoint: str, out: str) -> float:
-    """Seconds to process every series one after another in this process, all CPUs to torch."""
+def run_loop(series, cfg, checkpoint: str, out: str, threads: int) -> float:
+    """Seconds to process every series one after another in this process."""
     started = time.perf_counter()
     segmenter = extract.Segmenter(checkpoint, cfg.segmentation.inference_overlap,
-                                  cfg.segmentation.inference_batch_size,
-                                  threads=os.cpu_count())
+                                  cfg.segmentation.inference_batch_size, threads=threads)
     for row in series.to_dict("records"):
         record = extract.process_series(row, segmenter, cfg, out)
         if record["error"]:
@@ -65,6 +64,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=12)
     parser.add_argument("--preset", default="demo", choices=sorted(config.PRESETS))
     parser.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    parser.add_argument("--loop-threads", type=int, default=os.cpu_count(),
+                        help="torch threads of the loop (default: every CPU, torch's own choice)")
     args = parser.parse_args()
 
     cfg = config.load(args.preset)
@@ -78,8 +79,10 @@ def main() -> None:
         ray.init(address=args.address, log_to_driver=False, include_dashboard=False,
                  configure_logging=False)
         layout = extract.actor_layout()
+        load_before = os.getloadavg()[0]  # other work on the machine skews both timings
         stream_s = run_stream(series, cfg, args.checkpoint, storage.join(tmp, "stream"))
-        loop_s = run_loop(series, cfg, args.checkpoint, storage.join(tmp, "loop"))
+        loop_s = run_loop(series, cfg, args.checkpoint, storage.join(tmp, "loop"),
+                          args.loop_threads)
         resources = ray.cluster_resources()
         ray.shutdown()
 
@@ -94,7 +97,9 @@ def main() -> None:
         "cpus": resources.get("CPU", 0),
         "gpus": resources.get("GPU", 0),
         "segmenter_actors": layout,
-        "loop_torch_threads": os.cpu_count(),
+        "loop_torch_threads": args.loop_threads,
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
         "ray": ray.__version__,
         "machine": platform.processor() or platform.machine(),
