@@ -21,11 +21,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q
 
-# Benchmarks print tables and write bench/results/*.json; the streaming one reuses the segmenter
-# trained by a finished `make demo`.
+# Benchmarks print tables and write bench/results/*.json (about 20 minutes on 2 cores; run them
+# on a quiet machine). The two streaming ones reuse the segmenter of a finished `make demo`.
 bench: $(STAMP)
 	$(PY) bench/geometry_accuracy.py
-	$(PY) bench/stream_vs_loop.py --checkpoint "$$($(PY) -c 'import json; print(json.load(open("demo/out/manifest.json"))["stages"]["segtrain"]["results"]["checkpoint"])')"
+	$(PY) bench/flops.py
+	$(PY) bench/stream_vs_loop.py
+	$(PY) bench/cohort_scaling.py
+	$(PY) bench/training.py
+	$(PY) bench/convergence_criterion.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check .

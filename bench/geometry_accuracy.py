@@ -7,7 +7,6 @@ masks against synthetic_truth.csv. Prints the error table and writes it as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -17,13 +16,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import common  # noqa: E402
 from pipeline import tables  # noqa: E402
 from pipeline.discs import reference_discs  # noqa: E402
 from pipeline.geometry import measure_bulge, measure_disc  # noqa: E402
 from pipeline.io import read_volume  # noqa: E402
 from pipeline.synthetic import synthesize  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure_cohort(root: Path) -> pd.DataFrame:
@@ -61,13 +59,16 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    load_before = common.load_average()
     with tempfile.TemporaryDirectory() as tmp:
+        common.progress(f"synthetic cohort of {args.patients} patients")
         truth = synthesize(tmp, patients=args.patients, seed=args.seed, sequences=("t1",))
+        common.progress("measuring every reference disc")
         table = error_table(measure_cohort(Path(tmp)), truth)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "geometry_accuracy.json").write_text(
-        json.dumps({"patients": args.patients, "rows": table.to_dict("records")}, indent=2))
+    common.write_result("geometry_accuracy",
+                        {"patients": args.patients, "rows": table.to_dict("records")},
+                        load_before, args)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pipeline.autoencoder import (
     save_checkpoint,
 )
 from pipeline.config import Config
+from pipeline.progress import WorkerProgress, send
 
 EVAL_BATCH = 32
 
@@ -76,6 +77,7 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
                device: torch.device | str = "cpu",
                stop_rule: Callable[[list[float]], bool] | None = None,
                on_epoch: Callable[[Fit], None] | None = None,
+               on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                gather: Callable[[object], list] = _gather_local) -> Fit:
     """Train until the whole-epoch mean IoU reaches `iou_target`, `stop_rule` fires on the list
     of epoch mean IoUs, or `max_epochs` epochs are done (counting those in `history`, so a
@@ -83,6 +85,9 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
 
     cubes: (N, S, S, S) binary cubes this process trains on.
     on_epoch(fit): called after every epoch with the run so far (report, checkpoint).
+    on_batch(x, logits): called after every optimizer step with the batch and its train-mode
+        logits (detached): what the published code judged convergence on (the benchmark
+        compares that criterion with the whole-epoch one).
     gather(obj) -> one obj per process: combines the per-disc IoUs and step counts of data-
         parallel workers (all_gather_object under Ray Train); every process then takes the same
         decisions, and all run the same number of steps per epoch.
@@ -120,10 +125,13 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
         for step in range(steps):
             x = as_input(data[order[step * batch_size:(step + 1) * batch_size]])
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), x)
+            logits = model(x)
+            loss = loss_fn(logits, x)
             loss.backward()
             optimizer.step()
             loss_sum += float(loss.detach())
+            if on_batch is not None:
+                on_batch(x, logits.detach())
         # Data-parallel workers' BatchNorm running statistics drift apart on their own last
         # batches: every worker evaluates with rank 0's, the model that gets checkpointed.
         reference = gather({k: b.detach().cpu() for k, b in net.named_buffers()})[0]
@@ -320,6 +328,10 @@ def _train_loop_per_worker(config: dict) -> dict:
     def report(metrics: dict, folder: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            send(config.get("progress"), f"autoencoder k={spec.bottleneck}: epoch "
+                 f"{metrics['epochs']}/{spec.max_epochs}, loss {metrics['loss']:.4f}, "
+                 f"mean IoU {metrics['mean_iou']:.4f}")
 
     restored = ray.train.get_checkpoint()
     with restored.as_directory() if restored else contextlib.nullcontext() as folder:
@@ -331,7 +343,8 @@ def _train_loop_per_worker(config: dict) -> dict:
 
 
 def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_path: str,
-                      name: str, progress: Callable[[str], None] = print, callbacks=None, *,
+                      name: str, progress: Callable[[str], None] | None = print,
+                      callbacks=None, *,
                       max_epochs: int | None = None, plateau: tuple[int, float] | None = None,
                       cpus_per_worker: float | None = None) -> AutoencoderResult:
     """Train the autoencoder on Ray Train (TorchTrainer, cfg.autoencoder.num_workers workers,
@@ -339,7 +352,8 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
 
     A run with the same storage_path and name resumes from its last checkpoint (a finished
     run returns at once). max_epochs and plateau (early stop) override the config for sweeps;
-    cpus_per_worker defaults to the cluster's free CPUs shared among the workers.
+    cpus_per_worker defaults to the cluster's free CPUs shared among the workers. progress=None
+    prints nothing (a sweep's trials report through Tune instead).
     """
     import ray
     from ray.data import ExecutionOptions
@@ -347,6 +361,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
     from ray.train.torch import TorchTrainer
 
     spec = TrainSpec.from_config(cfg, bottleneck, max_epochs, plateau)
+    say = progress or (lambda _: None)
     workers = cfg.autoencoder.num_workers
     if workers < 1:
         raise ValueError(f"autoencoder.num_workers must be at least 1; got {workers}")
@@ -359,23 +374,25 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
     if cpus_per_worker is None:
         cpus_per_worker = max(0.1, ray.available_resources().get("CPU", 1.0) / workers)
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if gpus else {})}
-    progress(f"autoencoder k={bottleneck}: {n_discs} training discs, {workers} worker(s) "
-             f"{'on GPU' if gpus else 'on CPU'}, up to {spec.max_epochs} epochs")
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config={"spec": spec, "threads": max(1, int(cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage.absolute(storage_path),
-                             callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=2)),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=[],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    start = time.perf_counter()
-    result = trainer.fit()
+    say(f"autoencoder k={bottleneck}: {n_discs} training discs, {workers} worker(s) "
+        f"{'on GPU' if gpus else 'on CPU'}, up to {spec.max_epochs} epochs")
+    with WorkerProgress(progress) as sink:
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            train_loop_config={"spec": spec, "threads": max(1, int(cpus_per_worker)),
+                               "progress": sink},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=storage.absolute(storage_path),
+                                 callbacks=callbacks,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=2)),
+            datasets={"train": dataset},
+            dataset_config=DataConfig(datasets_to_split=[],
+                                      execution_options=ExecutionOptions(preserve_order=True)),
+        )
+        start = time.perf_counter()
+        result = trainer.fit()
     wall_s = time.perf_counter() - start
     if result.error is not None:
         raise result.error
@@ -388,7 +405,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
         iou_ci_high=summary["iou_ci_high"], epochs=summary["epochs"],
         converged=summary["converged"], stopped_early=summary["stopped_early"], wall_s=wall_s,
         history=summary["history"])
-    progress(f"autoencoder k={bottleneck}: mean IoU {outcome.mean_iou:.4f} "
-             f"({outcome.iou_ci_low:.4f}-{outcome.iou_ci_high:.4f}) after {outcome.epochs} epochs, "
-             f"{'converged' if outcome.converged else 'not converged'}, {wall_s:.0f} s")
+    say(f"autoencoder k={bottleneck}: mean IoU {outcome.mean_iou:.4f} "
+        f"({outcome.iou_ci_low:.4f}-{outcome.iou_ci_high:.4f}) after {outcome.epochs} epochs, "
+        f"{'converged' if outcome.converged else 'not converged'}, {wall_s:.0f} s")
     return outcome

@@ -1,7 +1,10 @@
 """Latent shape codes for every disc: an `Encoder` actor pool on Ray Data writes latents.parquet.
 
 Every row of discs.parquet (reference and predicted masks alike) is encoded by the same trained
-autoencoder in eval mode, so the classifier compares both mask sources on one latent space.
+autoencoder in eval mode, so the classifier compares both mask sources on one latent space. Each
+code is also decoded: its per-disc reconstruction IoU says how faithfully k numbers hold that
+disc's shape, and whether predicted-mask discs (never seen in training) are held as well as
+reference ones.
 The table is small (k floats per disc), so it is gathered and written as one Parquet file.
 """
 
@@ -14,14 +17,14 @@ import pandas as pd
 import torch
 
 from pipeline import storage, tables
-from pipeline.autoencoder import as_input, load_model, model_id
+from pipeline.autoencoder import as_input, disc_iou, load_model, model_id
 
 ENCODE_BATCH = 64
 
 
 class Encoder:
     """Ray Data callable class: loads the autoencoder once per actor, then maps a batch of discs
-    (DISC_KEYS + cube) to DISC_KEYS + z0..z{k-1} + bottleneck + model_id."""
+    (DISC_KEYS + cube) to DISC_KEYS + z0..z{k-1} + reconstruction_iou + bottleneck + model_id."""
 
     def __init__(self, checkpoint_path: str, threads: int = 1):
         torch.set_num_threads(threads)
@@ -37,9 +40,13 @@ class Encoder:
             raise ValueError(f"disc cubes of shape {cubes.shape[1:]} do not fit an autoencoder "
                              f"trained on {self.model.cube_size}³ cubes")
         with torch.inference_mode():
-            z = self.model.encode(as_input(cubes, self.device)).cpu().numpy().astype(np.float64)
+            x = as_input(cubes, self.device)
+            code = self.model.encode(x)
+            iou = disc_iou(self.model.decode(code), x, logits=True).cpu().numpy()
+        z = code.cpu().numpy().astype(np.float64)
         out = {key: batch[key] for key in tables.DISC_KEYS}
         out.update({name: z[:, i] for i, name in enumerate(self.columns)})
+        out[tables.RECONSTRUCTION_IOU] = iou.astype(np.float64)
         out["bottleneck"] = np.full(len(cubes), self.model.bottleneck, dtype=np.int64)
         out["model_id"] = np.full(len(cubes), self.model_id, dtype=object)
         return out

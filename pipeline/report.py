@@ -51,6 +51,7 @@ class ReportContext:
     discs: pd.DataFrame | None = None  # geometry rows (the cube column is not needed)
     segmentation_metrics: pd.DataFrame | None = None
     sweep: pd.DataFrame | None = None
+    latents: pd.DataFrame | None = None  # keys + reconstruction_iou (the codes are not needed)
     classification: pd.DataFrame | None = None
     comparisons: pd.DataFrame | None = None
     errors: pd.DataFrame | None = None
@@ -69,6 +70,8 @@ def load_context(out: str, cfg: Config | None = None) -> ReportContext:
         discs=read_if_present(out, tables.DISCS, columns=disc_columns),
         segmentation_metrics=read_if_present(out, tables.SEGMENTATION_METRICS),
         sweep=read_if_present(out, tables.SWEEP),
+        latents=read_if_present(out, tables.LATENTS,
+                                columns=tables.DISC_KEYS + [tables.RECONSTRUCTION_IOU]),
         classification=read_if_present(out, tables.CLASSIFICATION),
         comparisons=read_if_present(out, classify.COMPARISON),
         errors=read_if_present(out, tables.ERRORS),
@@ -104,6 +107,7 @@ def write_report(out: str, context: ReportContext | Config) -> str:
         SECTIONS[1], _segmentation(context.segmentation_metrics),
         SECTIONS[2], _geometry(context.discs),
         SECTIONS[3], _sweep(context.sweep, context.iou_target),
+        _reconstruction(context.latents),
         SECTIONS[4], _classification(context.classification, context.comparisons),
         SECTIONS[5], _figures(context.figures),
         SECTIONS[6], _findings(context),
@@ -285,6 +289,32 @@ def _sweep(sweep: pd.DataFrame | None, iou_target: float) -> str:
     return "\n".join(text)
 
 
+def reconstruction_by_source(latents: pd.DataFrame) -> pd.DataFrame:
+    """Mean reconstruction IoU of the chosen autoencoder per mask source and split, with a 95%
+    CI that resamples patients (a patient's discs are not independent)."""
+    rows = []
+    for (source, split), part in latents.groupby(["mask_source", "split"], sort=True):
+        iou = stats.mean_ci(part[tables.RECONSTRUCTION_IOU], groups=part["patient_id"])
+        rows.append({"mask_source": source, "split": split, "discs": iou.n,
+                     "patients": part["patient_id"].nunique(), "mean_iou": iou.value,
+                     "ci_low": iou.ci_low, "ci_high": iou.ci_high})
+    return pd.DataFrame(rows)
+
+
+def _reconstruction(latents: pd.DataFrame | None) -> str:
+    if latents is None or tables.RECONSTRUCTION_IOU not in latents.columns:
+        return _not_run("latents.parquet", "encode")
+    table = reconstruction_by_source(latents)
+    rows = [[r.mask_source, r.split, str(r.discs), str(r.patients),
+             stats.Estimate(r.mean_iou, r.ci_low, r.ci_high, r.discs).text(4)]
+            for r in table.itertuples()]
+    return ("### Reconstruction of every disc by the chosen autoencoder\n\n"
+            + _table(["mask source", "split", "discs", "patients", "mean IoU (95% CI)"], rows)
+            + "\n\nIoU of the decoded latent code (sigmoid > 0.5) against the disc's own cube. "
+            "Only reference-mask discs of the training split were trained on; predicted-mask "
+            "discs show how well the code holds the shapes the segmenter actually produces.")
+
+
 def _classification(table: pd.DataFrame | None, comparisons: pd.DataFrame | None) -> str:
     if table is None or table.empty:
         return _not_run("classification.parquet", "classify")
@@ -342,6 +372,13 @@ def _findings(c: ReportContext) -> str:
                            f"{iou.text(4)}.")
     else:
         bullets.append("Autoencoder: the bottleneck sweep did not run.")
+    if c.latents is not None and tables.RECONSTRUCTION_IOU in c.latents.columns:
+        parts = []
+        for source, part in c.latents.groupby("mask_source", sort=True):
+            iou = stats.mean_ci(part[tables.RECONSTRUCTION_IOU], groups=part["patient_id"])
+            parts.append(f"{source} masks {iou.text(4)} (n={iou.n})")
+        bullets.append("Reconstruction IoU of every disc by the chosen autoencoder: "
+                       + "; ".join(parts) + ".")
 
     table = c.classification
     if table is None or table.empty:

@@ -42,6 +42,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from pipeline import preprocess, segmodels, storage, validate
 from pipeline.config import Config, SegmentationConfig
+from pipeline.progress import WorkerProgress, send
 
 SCORE = "val_iou"  # early stopping and checkpoint selection, as in the paper
 CROP_POOL_VOLUMES = 4  # crops of this many volumes are shuffled together into batches
@@ -184,10 +185,11 @@ def train_loop_per_worker(config: dict) -> dict:
                 meta = {"segmentation": config["segmentation"], **state, **metrics}
                 segmodels.write_checkpoint(folder, model, meta, optimizer)
                 checkpoint = Checkpoint.from_directory(folder)
-                print(f"segmentation epoch {state['epoch']}/{seg.epochs}: loss "
-                      f"{metrics['train_loss']:.3f}, val Dice {metrics['val_dice']:.3f}, IoU "
-                      f"{metrics['val_iou']:.3f} (best {state['best_val_iou']:.3f} at epoch "
-                      f"{state['best_epoch']}), {metrics['seconds']:.1f} s", flush=True)
+                send(config.get("progress"),
+                     f"segmentation epoch {state['epoch']}/{seg.epochs}: loss "
+                     f"{metrics['train_loss']:.3f}, val Dice {metrics['val_dice']:.3f}, IoU "
+                     f"{metrics['val_iou']:.3f} (best {state['best_val_iou']:.3f} at epoch "
+                     f"{state['best_epoch']}), {metrics['seconds']:.1f} s")
             ray.train.report(metrics, checkpoint=checkpoint)
     return state
 
@@ -251,22 +253,23 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
     workers, use_gpu, cpus = worker_layout(seg.num_workers)
     progress(f"segmentation: training {seg.model} on {workers} worker(s), "
              f"{'GPU' if use_gpu else f'{cpus:g} CPU'} each")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"segmentation": dataclasses.asdict(seg), "seed": cfg.seed,
-                           "threads": max(1, int(cpus))},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(
-            name=name, storage_path=storage.absolute(storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE,
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=2),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
+    with WorkerProgress(progress) as sink:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"segmentation": dataclasses.asdict(seg), "seed": cfg.seed,
+                               "threads": max(1, int(cpus)), "progress": sink},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus}),
+            run_config=RunConfig(
+                name=name, storage_path=storage.absolute(storage_path),
+                checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE,
+                                                   checkpoint_score_order="max"),
+                failure_config=FailureConfig(max_failures=2),
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
     state = result.return_value
     best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
     path = _checkpoint_location(best, storage.absolute(storage_path))

@@ -50,6 +50,7 @@ def _segtrain(ctx: Context) -> StageOutcome:
         results={"checkpoint": result.checkpoint_path, "val_dice": result.best_val_dice,
                  "val_iou": result.best_val_iou, "epochs": result.epochs_run},
         counts={"epochs": result.epochs_run, "best val Dice": round(result.best_val_dice, 3)},
+        errors=[{"stage": "segtrain", **bad} for bad in result.skipped],
     )
 
 

@@ -46,6 +46,9 @@ BULGE = ["bulge_fraction", "bulge_max_mm"]
 # errors.parquet: one row per quarantined input.
 ERROR_COLUMNS = ["stage", "file", "series_id", "reason"]
 
+# latents.parquet: IoU of the decoded code (sigmoid > 0.5) against the disc's own cube
+RECONSTRUCTION_IOU = "reconstruction_iou"
+
 CUBE = "cube"  # uint8 tensor column, shape (cube_size,) * 3, RAS axis order
 
 
@@ -78,4 +81,5 @@ def cube_array(cubes: np.ndarray):
 
 
 def errors_frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=ERROR_COLUMNS).astype({"series_id": "string"})
+    """errors.parquet: string columns even when empty (an empty frame would store nulls)."""
+    return pd.DataFrame(rows, columns=ERROR_COLUMNS).astype("string")

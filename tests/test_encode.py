@@ -37,8 +37,15 @@ def test_encoder_maps_cubes_to_the_models_latents(checkpoint):
     model = encoder.model
     with torch.no_grad():
         expected = model.encode(as_input(cubes)).numpy()
+        reconstruction = model.reconstruct(as_input(cubes)) > 0.5
     z = np.stack([out[c] for c in tables.latent_columns(3)], axis=1)
     np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-6)
+    # the decoded code scored against the disc's own cube, voxel by voxel
+    truth = torch.as_tensor(cubes > 0)
+    iou = ((reconstruction[:, 0] & truth).sum((1, 2, 3))
+           / (reconstruction[:, 0] | truth).sum((1, 2, 3))).numpy()
+    np.testing.assert_allclose(out[tables.RECONSTRUCTION_IOU], iou, rtol=1e-6)
+    assert ((iou > 0) & (iou < 1)).all()
     assert tables.CUBE not in out and list(out["ivd_label"]) == [201, 202, 201]
     assert set(out["model_id"]) == {model_id(checkpoint)} and set(out["bottleneck"]) == {3}
     batch[tables.CUBE] = np.zeros((3, 8, 8, 8), dtype=np.uint8)
@@ -54,7 +61,8 @@ def test_latents_have_one_row_per_disc(tmp_path, checkpoint, ray_session):
     assert location == tables.path(out, tables.LATENTS)
     latents = storage.read_table(location)
     assert list(latents.columns) == tables.DISC_KEYS + tables.latent_columns(3) + [
-        "bottleneck", "model_id"]
+        tables.RECONSTRUCTION_IOU, "bottleneck", "model_id"]
+    assert latents[tables.RECONSTRUCTION_IOU].between(0, 1).all()
     assert len(latents) == len(discs) == 24  # reference and predicted discs alike
     keys = ["series_id", "ivd_label", "mask_source"]
     assert not latents.duplicated(keys).any()

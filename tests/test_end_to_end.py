@@ -1,15 +1,27 @@
-"""The whole job on a tiny synthetic cohort: every table, figure and report section, then a re-run
-that skips every stage."""
+"""The whole job on a tiny synthetic cohort, submitted as a real Ray Job to a two-node local
+cluster (the Jobs API, a working directory, outputs at an absolute path: the closest thing to a
+cluster here): every table, figure and report section, then a re-run that skips every stage."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray.cluster_utils import Cluster
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from jobs import run_pipeline
 from pipeline import storage, tables
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 # Small enough for CI on 2 cores: a handful of patients, tiny models, a few epochs.
 TINY = [
@@ -30,17 +42,72 @@ REPORT_SECTIONS = ["Cohort", "Segmentation", "Geometry", "Bottleneck sweep", "Ta
                    "Table 2", "Findings", "Figures"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, ray_session):
+def two_node_cluster():
+    """Head and worker node on this machine, each with its own temp dir and agent port as on
+    real machines. (Sharing a temp dir, the worker node's agent re-unpacks the job's working_dir
+    over the driver's current directory and the driver dies with "Intel oneMKL FATAL ERROR:
+    Cannot load libtorch_cpu.so", getcwd() failing; sharing the default agent port 52365 with
+    the test session's Ray, the head has no job agent: "No available agent to submit job".)
+    A short temp path: Ray's socket paths must stay under 108 bytes."""
+    port = free_port()
+    node_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": port,
+        "dashboard_agent_listen_port": free_port()})
+    cluster.add_node(num_cpus=1, temp_dir=node_dir, dashboard_agent_listen_port=free_port())
+    yield f"http://127.0.0.1:{port}"
+    cluster.shutdown()
+    shutil.rmtree(node_dir, ignore_errors=True)
+
+
+def submit(client: JobSubmissionClient, **job) -> str:
+    """Submit, retrying while the head's job agent is still starting (it answers "No available
+    agent" for a few seconds after the dashboard is up)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, two_node_cluster):
+    """The tiny job through `ray job submit`'s API: (out, its arguments, final status, logs)."""
     out = tmp_path_factory.mktemp("e2e") / "out"
     args = ["--out", str(out)] + [a for item in TINY for a in ("--set", item)]
-    code = run_pipeline.main(args)
-    return out, args, code
+    client = JobSubmissionClient(two_node_cluster)
+    job = submit(client, entrypoint=" ".join([sys.executable, "jobs/run_pipeline.py", *args]),
+                 runtime_env={"working_dir": str(REPO),
+                              "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    deadline = time.monotonic() + 900
+    while client.get_job_status(job) not in FINAL:
+        assert time.monotonic() < deadline, "the job did not finish in 15 minutes"
+        time.sleep(2)
+    return out, args, client.get_job_status(job), client.get_job_logs(job)
 
 
+@pytest.mark.slow
+def test_the_job_runs_as_a_ray_job_on_two_nodes(finished_run):
+    out, _, status, logs = finished_run
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "2 node(s)" in logs, "the job must have joined the two-node cluster"
+    assert "[9/9] report" in logs and f"report: {out / 'report.md'}" in logs
+
+
+@pytest.mark.slow
 def test_every_output_is_written(finished_run):
-    out, _, code = finished_run
-    assert code == 0
+    out, _, status, _ = finished_run
+    assert status == JobStatus.SUCCEEDED
     for name in [tables.SERIES, tables.GRADINGS, tables.ERRORS, tables.DISCS,
                  tables.SEGMENTATION_METRICS, tables.SWEEP, tables.LATENTS,
                  tables.CLASSIFICATION]:
@@ -58,8 +125,9 @@ def test_every_output_is_written(finished_run):
     assert all(s["status"] == "done" for s in manifest["stages"].values())
 
 
-def test_rerun_skips_every_stage(finished_run, capsys):
-    out, args, _ = finished_run
+@pytest.mark.slow
+def test_rerun_skips_every_stage(finished_run, ray_session, capsys):
+    out, args, _, _ = finished_run
     capsys.readouterr()
     assert run_pipeline.main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]

@@ -48,10 +48,13 @@ def full_run(tmp_path_factory):
     discs, latents, gradings = hand_made_cohort(n_patients=10, discs_per_patient=4)
     result = classify.run_classification(discs, latents, gradings, fast_config(), out)
     series = _series(discs)
+    reconstruction = latents[tables.DISC_KEYS].assign(**{tables.RECONSTRUCTION_IOU: np.where(
+        latents.mask_source == "reference", 0.99, 0.95)})
     storage.write_bytes(storage.join(out, "figures", "roc_disc_bulging.png"), b"\x89PNG fake")
     storage.write_bytes(storage.join(out, "figures", "latent_traversal.png"), b"\x89PNG fake")
     for name, frame in ((tables.SERIES, series), (tables.GRADINGS, gradings),
                         (tables.DISCS, discs), (tables.SWEEP, _sweep(True)),
+                        (tables.LATENTS, reconstruction),
                         (tables.SEGMENTATION_METRICS, _segmentation_metrics(series)),
                         (tables.ERRORS, tables.errors_frame([
                             {"stage": "catalog", "file": "images/9_t1.mha", "series_id": "9_t1",
@@ -75,6 +78,9 @@ def test_the_report_contains_every_section_with_numbers(full_run):
     assert "| 10/10 | 0 | 0 |" in text and "| 39/40 | 2 | 0 |" in text  # val, then train
     assert "| L5/S1 (n=10) |" in text and "| height_mean_mm |" in text
     assert "Chosen: bottleneck **4**" in text
+    assert "| predicted | train | 32 | 8 | 0.9500 (" in text
+    assert "| reference | val | 8 | 2 | 0.9900 (" in text
+    assert "reference masks 0.9900 (" in text and "predicted masks 0.9500 (" in text
     assert "### Table 1. Reference masks" in text and "### Table 2. Predicted masks" in text
     assert "| geometric+extras | LightGBM |" in text and "Majority class" in text
     assert "![ROC curves: Disc bulging](figures/roc_disc_bulging.png)" in text
@@ -92,7 +98,7 @@ def test_missing_stages_are_stated_not_omitted(tmp_path):
         assert section in text
     for table in ("series.parquet", "discs.parquet", "gradings.parquet",
                   "segmentation_metrics.parquet", "bottleneck_sweep.parquet",
-                  "classification.parquet", "errors.parquet"):
+                  "classification.parquet", "errors.parquet", "latents.parquet"):
         assert f"{table} was not" in text, table
     assert "No figures" in text
     assert "Classification: not run." in text

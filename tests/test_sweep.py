@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,6 +117,57 @@ def test_plain_sweep_finishes_writes_the_table_and_resumes(tmp_path, ray_session
     assert any("resuming" in m for m in messages)
     assert again.table[["bottleneck", "mean_iou", "epochs"]].equals(
         result.table[["bottleneck", "mean_iou", "epochs"]])
+
+
+INTERRUPTED = ["autoencoder.channels=4,8", "autoencoder.checkpoint_every=10", "sweep.max_epochs=300",
+               "sweep.bottlenecks=4,2", "sweep.early_stop=false"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_from_its_checkpoints(tmp_path, ray_session):
+    """Ctrl-C part-way (the sweep's CLI in its own process, on the same cluster), then the same
+    sweep again: unfinished trials continue from their last checkpoints instead of restarting,
+    and no table is written from half-trained trials."""
+    discs = write_discs(tmp_path / "discs.parquet", n_series=2, size=16, discs_per_series=3)
+    out, ray_storage = str(tmp_path / "out"), str(tmp_path / "ray")
+    cfg = config.load("demo", INTERRUPTED)
+    experiment = Path(ray_storage) / experiment_name(discs, cfg)
+    command = [sys.executable, "-m", "tune.bottleneck_sweep", "--discs", discs, "--out", out,
+               "--storage", ray_storage, "--address",
+               ray_session.get_runtime_context().gcs_address]
+    for item in INTERRUPTED:
+        command += ["--set", item]
+    sweep = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Interrupt once every trial has reported twice: Tune then holds a checkpoint of each.
+    deadline = time.monotonic() + 120
+    while sweep.poll() is None and not (
+            len(reports := _trial_reports(experiment)) == 2
+            and all(len(r) >= 2 for r in reports.values())):
+        assert time.monotonic() < deadline, "the trials did not report within 120 s"
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGINT)
+    log = sweep.communicate(timeout=120)[0]
+    assert sweep.returncode != 0, log
+    assert "SweepInterrupted" in log and "resume" in log, log
+    assert not storage.exists(tables.path(out, tables.SWEEP))
+
+    messages = []
+    result = run_sweep(discs, cfg, ray_storage, out, progress=messages.append)
+    assert any("resuming" in m for m in messages)
+    table = _check_table(out, result)
+    assert (table.epochs == 300).all()
+    for reports in _trial_reports(experiment).values():
+        resumed = [r for r in reports if r["pid"] != reports[0]["pid"]]
+        # the resumed process continued after a checkpoint: it never reported epoch 10 again
+        assert resumed and resumed[0]["epochs"] > 10 and resumed[-1]["epochs"] == 300, reports
+
+
+def _trial_reports(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial's reports so far (Tune's result.json: one JSON line per report; a line still
+    being written is left out)."""
+    return {path.parent.name: [json.loads(line) for line in path.read_text().split("\n")[:-1]]
+            for path in experiment.glob("*/result.json")}
 
 
 @pytest.mark.slow

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import ray
 import torch
+from ray import tune
 
 from pipeline import config as config_module
 from pipeline import storage, tables
@@ -128,7 +130,6 @@ def trial_spec(cfg: Config, bottleneck: int) -> TrainSpec:
 
 
 def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int) -> None:
-    from ray import tune
 
     torch.set_num_threads(threads)
     bottleneck = int(params["bottleneck"])
@@ -145,14 +146,13 @@ def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int) -> 
 
 def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,
                   experiment: str, cpus_per_worker: float) -> None:
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     bottleneck = int(params["bottleneck"])
     spec = trial_spec(cfg, bottleneck)
     result = train_autoencoder(
         discs_path, cfg, bottleneck, storage_path,
-        name=f"{experiment}-{tune.get_context().get_trial_id()}", progress=lambda _: None,
+        name=f"{experiment}-{tune.get_context().get_trial_id()}", progress=None,
         callbacks=[TuneReportCallback()], max_epochs=spec.max_epochs, plateau=spec.plateau,
         cpus_per_worker=cpus_per_worker)
     tune.report({"bottleneck": bottleneck, "epochs": result.epochs,
@@ -162,12 +162,23 @@ def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,
                  "checkpoint_path": result.checkpoint_path})
 
 
+class TrialProgress(tune.Callback):
+    """One line on the driver per trial report (every checkpoint_every epochs)."""
+
+    def __init__(self, progress: Callable[[str], None], max_epochs: int):
+        self.progress, self.max_epochs = progress, max_epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "mean_iou" in result:
+            self.progress(f"sweep k={trial.config['bottleneck']}: epoch "
+                          f"{result.get('epochs', '?')}/{self.max_epochs}, mean IoU "
+                          f"{result['mean_iou']:.4f}")
+
+
 def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
               progress: Callable[[str], None] = print) -> SweepResult:
     """Train one autoencoder per cfg.sweep.bottlenecks on Ray Tune, choose one, and write
     tables.path(out, SWEEP)."""
-    import ray
-    from ray import tune
 
     bottlenecks = list(dict.fromkeys(int(b) for b in cfg.sweep.bottlenecks))
     if not bottlenecks or min(bottlenecks) < 1:
@@ -204,10 +215,20 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[TrialProgress(progress, cfg.sweep.max_epochs)],
                 failure_config=tune.FailureConfig(max_failures=2)),
         )
     grid = tuner.fit()
-    table = choose_bottleneck(_trial_rows(grid), cfg.autoencoder.iou_target)
+    rows = _trial_rows(grid, cfg.sweep.max_epochs)
+    unfinished = rows[~rows.pop("finished")]
+    if len(unfinished):
+        # Tune answers Ctrl-C by saving its state and returning normally: a table of half-trained
+        # trials must not be mistaken for the sweep's result.
+        raise SweepInterrupted(
+            f"the sweep stopped before bottleneck(s) {sorted(unfinished.bottleneck)} finished "
+            f"(interrupted?); run it again with the same discs, config and storage to resume "
+            f"them from their last checkpoints in {experiment_path}")
+    table = choose_bottleneck(rows, cfg.autoencoder.iou_target)
     storage.write_table(table, tables.path(out, tables.SWEEP))
     chosen = table[table["chosen"]].iloc[0]
     any_converged = bool(table["converged"].any())
@@ -220,10 +241,17 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
                        any_converged)
 
 
-def _trial_rows(grid) -> pd.DataFrame:
+class SweepInterrupted(RuntimeError):
+    """Some trials neither finished nor failed: the sweep was stopped part-way."""
+
+
+def _trial_rows(grid, max_epochs: int) -> pd.DataFrame:
+    """COLUMNS plus `finished`: the trial failed, converged, stopped early or used its epochs."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
+        finished = result.error is not None or any(metrics.get(k, False) for k in (
+            "converged", "stopped_early")) or int(metrics.get("epochs", 0)) >= max_epochs
         checkpoint = metrics.get("checkpoint_path") or (
             result.checkpoint.path if result.checkpoint else None)
         note = ""
@@ -242,13 +270,13 @@ def _trial_rows(grid) -> pd.DataFrame:
             "converged": bool(metrics.get("converged", False)),
             "stopped_early": bool(metrics.get("stopped_early", False)),
             "wall_s": float(metrics.get("time_total_s", math.nan)),
-            "chosen": False, "checkpoint_path": checkpoint, "note": note})
-    table = pd.DataFrame(rows, columns=COLUMNS)
+            "chosen": False, "checkpoint_path": checkpoint, "note": note,
+            "finished": finished})
+    table = pd.DataFrame(rows, columns=[*COLUMNS, "finished"])
     return table.sort_values("bottleneck", ascending=False, ignore_index=True)
 
 
 def main(argv: list[str] | None = None) -> SweepResult:
-    import ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--discs", required=True, help="discs.parquet folder (path or URI)")
