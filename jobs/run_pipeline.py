@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python jobs/run_pipeline.py --data s3://b/spider --out s3://b/run
 
 Exit codes: 0 success, 3 partial success (inputs quarantined, see errors.parquet), 1 failure,
-2 bad arguments.
+2 bad arguments, 130 interrupted (Ctrl-C; the same command resumes).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pipeline import config as configuration  # noqa: E402
 from pipeline import stages as pipeline_stages  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.report import package_versions  # noqa: E402
-from pipeline.runner import EXIT_FAILED, Context, run_stages  # noqa: E402
+from pipeline.runner import EXIT_FAILED, EXIT_INTERRUPTED, Context, run_stages  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # report any failure with a clear last line, keep the exit code
         print(f"FAILED: {err}", file=sys.stderr)
         return EXIT_FAILED

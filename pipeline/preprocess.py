@@ -43,9 +43,8 @@ class BadInput(ValueError):
 
 
 def read_pair(image_uri: str, mask_uri: str) -> tuple[io.Volume, io.Volume]:
-    """Read an image and its reference mask, refusing (BadInput, naming the file) anything that
-    would silently give wrong numbers: an unreadable file, a mask on another grid, an image with
-    NaN/Inf intensities."""
+    """Read an image and its reference mask into RAS; an unreadable file is a BadInput naming
+    it. Whether the pair is fit to use is `validate.check_series`'s question."""
     volumes = []
     for uri in (image_uri, mask_uri):
         try:
@@ -53,16 +52,6 @@ def read_pair(image_uri: str, mask_uri: str) -> tuple[io.Volume, io.Volume]:
         except ValueError as err:
             raise BadInput(uri, str(err)) from err
     image, mask = volumes
-    if image.array.shape != mask.array.shape:
-        raise BadInput(mask_uri, f"{mask_uri}: mask shape {mask.array.shape} differs from image "
-                                 f"shape {image.array.shape} (RAS order)")
-    if not np.allclose(image.spacing, mask.spacing, rtol=1e-3, atol=1e-4):
-        rounded = lambda s: tuple(round(float(v), 4) for v in s)  # noqa: E731
-        raise BadInput(mask_uri, f"{mask_uri}: mask spacing {rounded(mask.spacing)} mm differs "
-                                 f"from image spacing {rounded(image.spacing)} mm")
-    bad = int(np.count_nonzero(~np.isfinite(image.array)))
-    if bad:
-        raise BadInput(image_uri, f"{image_uri}: image has {bad} NaN/Inf voxels")
     return image, mask
 
 

@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.manifest import Manifest, fingerprint
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 class StageError(RuntimeError):
@@ -118,6 +119,12 @@ def run_stages(
         try:
             with _keeping_sigint():
                 outcome = stage.run(ctx)
+        except KeyboardInterrupt:
+            manifest.record(stage.name, status="interrupted", key=key,
+                            seconds=time.time() - started)
+            ctx.progress(f"{label} INTERRUPTED after {time.time() - started:.0f} s: the same "
+                         "command resumes it")
+            raise
         except Exception as err:
             manifest.record(stage.name, status="failed", key=key, reason=str(err),
                             traceback=traceback.format_exc(), seconds=time.time() - started)

@@ -1,11 +1,10 @@
-"""Content checks on an image/mask pair that reads fine but would give wrong or empty numbers.
+"""Checks on an image/mask pair that reads fine but would give wrong or empty numbers.
 
-`preprocess.read_pair` refuses what cannot be read or does not line up (unreadable file, shape or
-spacing mismatch, NaN/Inf); this module refuses what is readable but meaningless for disc
-geometry: a mask without a disc label, a mask with values SPIDER's label map does not define, an
-image of one constant value, a mask placed elsewhere in space than its image. Both the segmentation training loader and the extraction stage call
-it, so a bad volume is neither trained on nor measured; each problem is a `preprocess.BadInput`
-naming the offending file.
+`preprocess.read_pair` refuses what cannot be read; this module refuses what is readable but
+wrong for disc geometry: a mask on another grid or elsewhere in space than its image, NaN/Inf or
+constant intensities, a mask with values SPIDER's label map does not define or without a disc
+label. Both the segmentation training loader and the extraction stage call it, so a bad volume
+is neither trained on nor measured; each problem is a `preprocess.BadInput` naming the file.
 """
 
 from __future__ import annotations

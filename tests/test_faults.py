@@ -112,7 +112,7 @@ def test_an_interrupted_job_resumes_to_the_same_tables(small_cohort, tmp_path, r
     assert job.returncode != 0, "".join(lines)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["segtrain"]["status"] == "done"
-    assert manifest["stages"].get("extract", {}).get("status") != "done"
+    assert manifest["stages"]["extract"]["status"] == "interrupted"
 
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import io, preprocess
+from pipeline import io, preprocess, validate
 
 
 def _label_map(shape=(20, 60, 80)) -> np.ndarray:
@@ -107,7 +107,7 @@ def test_training_crops_flip_only_left_right():
     assert 0 < flipped < 20
 
 
-def test_read_pair_quarantines_mismatched_and_non_finite_volumes(tmp_path):
+def test_a_mismatched_unreadable_or_non_finite_pair_is_refused_naming_the_file(tmp_path):
     header = io.make_header((8, 10, 12), (3.0, 1.0, 1.0))
     image = np.ones((8, 10, 12), np.float32)
     io.write_volume(str(tmp_path / "image.mha"), image, header)
@@ -120,13 +120,15 @@ def test_read_pair_quarantines_mismatched_and_non_finite_volumes(tmp_path):
     io.write_volume(str(tmp_path / "nan.mha"), image, header)
     (tmp_path / "broken.mha").write_bytes(b"not an image")
 
-    preprocess.read_pair(str(tmp_path / "image.mha"), str(tmp_path / "mask.mha"))
+    def read_and_check(image_uri: str, mask_uri: str) -> None:
+        validate.check_series(*preprocess.read_pair(image_uri, mask_uri), image_uri, mask_uri)
+
     cases = [("image.mha", "short.mha", "short.mha", "mask shape"),
              ("image.mha", "coarse.mha", "coarse.mha", "mask spacing"),
              ("nan.mha", "mask.mha", "nan.mha", "1 NaN/Inf voxels"),
              ("broken.mha", "mask.mha", "broken.mha", "not a readable image")]
     for image_name, mask_name, culprit, reason in cases:
         with pytest.raises(preprocess.BadInput, match=reason) as caught:
-            preprocess.read_pair(str(tmp_path / image_name), str(tmp_path / mask_name))
+            read_and_check(str(tmp_path / image_name), str(tmp_path / mask_name))
         assert caught.value.file == str(tmp_path / culprit)
         assert culprit in str(caught.value)
