@@ -27,8 +27,11 @@ FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 TINY = [
     "synthetic.patients=6",
     "synthetic.sequences=t1",
-    "segmentation.epochs=2",
-    "segmentation.patience=2",
+    # ~40 optimizer steps: fewer left a 2-worker run (one per node in the Ray Job test) with a
+    # segmenter that sometimes predicted no disc at all
+    "segmentation.epochs=4",
+    "segmentation.patience=4",
+    "segmentation.batch_size=1",
     "segmentation.unet_channels=4,8,16",
     "autoencoder.channels=4,8,16,32",
     "sweep.bottlenecks=4,3",
