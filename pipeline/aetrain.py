@@ -246,18 +246,13 @@ def _training_filter(cfg: Config):
     return ("mask_source", "reference"), ("split", list(cfg.autoencoder.train_splits))
 
 
-def _check_discs_path(discs_path: str) -> None:
-    if not storage.exists(discs_path):
-        raise ValueError(f"discs table {discs_path} does not exist: run disc extraction first")
-
-
 def load_training_cubes(discs_path: str, cfg: Config) -> np.ndarray:
     """(N, S, S, S) uint8 reference-mask cubes of the training splits, in memory (the sweep's
     laptop path and the benchmark; Ray Train reads them with Ray Data instead)."""
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401  registers the tensor type of the cube column
 
-    _check_discs_path(discs_path)
+    tables.require_discs(discs_path)
     (source_col, source), (split_col, splits) = _training_filter(cfg)
     fs, path = storage.filesystem(discs_path)
     table = pq.read_table(path, filesystem=fs, columns=[tables.CUBE],
@@ -272,7 +267,7 @@ def training_dataset(discs_path: str, cfg: Config):
     import ray.data
     from ray.data.expressions import col
 
-    _check_discs_path(discs_path)
+    tables.require_discs(discs_path)
     (source_col, source), (split_col, splits) = _training_filter(cfg)
     return (ray.data.read_parquet(discs_path)
             .filter(expr=(col(source_col) == source) & col(split_col).is_in(splits))

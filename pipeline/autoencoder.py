@@ -121,12 +121,6 @@ def disc_iou(output: torch.Tensor, target: torch.Tensor, threshold: float = 0.5,
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def mean_iou(probs_or_logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5,
-             logits: bool = False) -> float:
-    """Mean over discs of the per-disc IoU (see disc_iou)."""
-    return float(disc_iou(probs_or_logits, target, threshold, logits).mean())
-
-
 def iou_summary(epoch_ious: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
     """Mean per-disc IoU and its 95% CI over discs (normal approximation, capped at 1)."""
     ious = np.asarray(epoch_ious, dtype=np.float64)

@@ -59,8 +59,7 @@ def encode_discs(discs_path: str, checkpoint_path: str, out: str,
     import ray
     import ray.data
 
-    if not storage.exists(discs_path):
-        raise ValueError(f"discs table {discs_path} does not exist: run disc extraction first")
+    tables.require_discs(discs_path)
     discs = ray.data.read_parquet(discs_path).select_columns(tables.DISC_KEYS + [tables.CUBE])
     n_discs = discs.count()
     if n_discs == 0:

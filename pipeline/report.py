@@ -289,25 +289,22 @@ def _sweep(sweep: pd.DataFrame | None, iou_target: float) -> str:
     return "\n".join(text)
 
 
-def reconstruction_by_source(latents: pd.DataFrame) -> pd.DataFrame:
-    """Mean reconstruction IoU of the chosen autoencoder per mask source and split, with a 95%
-    CI that resamples patients (a patient's discs are not independent)."""
-    rows = []
-    for (source, split), part in latents.groupby(["mask_source", "split"], sort=True):
-        iou = stats.mean_ci(part[tables.RECONSTRUCTION_IOU], groups=part["patient_id"])
-        rows.append({"mask_source": source, "split": split, "discs": iou.n,
-                     "patients": part["patient_id"].nunique(), "mean_iou": iou.value,
-                     "ci_low": iou.ci_low, "ci_high": iou.ci_high})
-    return pd.DataFrame(rows)
+def reconstruction_iou(latents: pd.DataFrame, by: list[str]) -> list[tuple[tuple, int,
+                                                                         stats.Estimate]]:
+    """Mean reconstruction IoU of the chosen autoencoder per group of `by` columns: (group
+    values, patients, estimate with a 95% CI that resamples patients, whose discs are not
+    independent)."""
+    return [(values, part["patient_id"].nunique(),
+             stats.mean_ci(part[tables.RECONSTRUCTION_IOU], groups=part["patient_id"]))
+            for values, part in latents.groupby(by, sort=True)]
 
 
 def _reconstruction(latents: pd.DataFrame | None) -> str:
     if latents is None or tables.RECONSTRUCTION_IOU not in latents.columns:
         return _not_run("latents.parquet", "encode")
-    table = reconstruction_by_source(latents)
-    rows = [[r.mask_source, r.split, str(r.discs), str(r.patients),
-             stats.Estimate(r.mean_iou, r.ci_low, r.ci_high, r.discs).text(4)]
-            for r in table.itertuples()]
+    rows = [[source, split, str(iou.n), str(patients), iou.text(4)]
+            for (source, split), patients, iou in
+            reconstruction_iou(latents, ["mask_source", "split"])]
     return ("### Reconstruction of every disc by the chosen autoencoder\n\n"
             + _table(["mask source", "split", "discs", "patients", "mean IoU (95% CI)"], rows)
             + "\n\nIoU of the decoded latent code (sigmoid > 0.5) against the disc's own cube. "
@@ -373,10 +370,8 @@ def _findings(c: ReportContext) -> str:
     else:
         bullets.append("Autoencoder: the bottleneck sweep did not run.")
     if c.latents is not None and tables.RECONSTRUCTION_IOU in c.latents.columns:
-        parts = []
-        for source, part in c.latents.groupby("mask_source", sort=True):
-            iou = stats.mean_ci(part[tables.RECONSTRUCTION_IOU], groups=part["patient_id"])
-            parts.append(f"{source} masks {iou.text(4)} (n={iou.n})")
+        parts = [f"{source} masks {iou.text(4)} (n={iou.n})"
+                 for (source,), _, iou in reconstruction_iou(c.latents, ["mask_source"])]
         bullets.append("Reconstruction IoU of every disc by the chosen autoencoder: "
                        + "; ".join(parts) + ".")
 

@@ -56,6 +56,13 @@ def path(out: str, name: str) -> str:
     return storage.join(out, "tables", name)
 
 
+def require_discs(discs_path: str) -> None:
+    """Refuse a missing discs.parquet with the stage that makes it (autoencoder, sweep, encoding
+    all start from it)."""
+    if not storage.exists(discs_path):
+        raise ValueError(f"discs table {discs_path} does not exist: run disc extraction first")
+
+
 def latent_columns(bottleneck: int) -> list[str]:
     return [f"z{i}" for i in range(bottleneck)]
 

@@ -14,7 +14,6 @@ from pipeline.autoencoder import (
     has_converged,
     iou_summary,
     load_model,
-    mean_iou,
     model_id,
     plateaued,
     save_checkpoint,
@@ -89,7 +88,7 @@ def test_disc_iou_on_hand_made_masks():
     probs[1, 0, 0, 0, 0] = 0.4  # below the threshold: a miss
     ious = disc_iou(probs, target)
     assert ious.tolist() == pytest.approx([16 / 33, 0.0, 1.0])  # disc 2: empty in both
-    assert mean_iou(probs, target) == pytest.approx((16 / 33 + 1.0) / 3)
+    assert float(ious.mean()) == pytest.approx((16 / 33 + 1.0) / 3)
     logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
     assert disc_iou(logits, target, logits=True).tolist() == pytest.approx(ious.tolist())
     assert disc_iou(probs, target, threshold=0.95).tolist() == pytest.approx([0.0, 0.0, 1.0])

@@ -186,8 +186,7 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
     nested = cfg.sweep.nested_train
     plan = plan_trials(ray.available_resources(), len(bottlenecks), nested,
                        cfg.autoencoder.num_workers)
-    if not storage.exists(discs_path):
-        raise ValueError(f"discs table {discs_path} does not exist: run disc extraction first")
+    tables.require_discs(discs_path)
     storage_path = storage.absolute(storage_path)
     name = experiment_name(discs_path, cfg)
     if nested:
