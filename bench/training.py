@@ -2,16 +2,19 @@
 throughput, the fixed cost of a TorchTrainer.fit(), and Ray Train's overhead over a plain loop.
 
 The overhead comparison trains the same autoencoder (same discs, seed, epochs and torch threads)
-twice through the same code (pipeline.aetrain.train_cubes -> fit_epochs): once in this process,
-once in one Ray Train worker. The raw wall-time ratio includes Ray Train's start-up, which a real
-run pays once; the per-epoch ratio and the ratio projected over --real-run-epochs epochs show
-what is left once it is amortised (target: <= 1.2x).
+through the same code (pipeline.aetrain.train_cubes -> fit_epochs): in this process, and in one
+Ray Train worker, alternating --rounds times (this machine's speed drifts by +-20% over minutes;
+alternating keeps a slow spell from landing on one side only). The raw wall-time ratio includes
+Ray Train's start-up, which a real run pays once; the per-epoch ratio (median epoch over all
+rounds) and the ratio projected over --real-run-epochs epochs show what is left once it is
+amortised (target: <= 1.2x).
 
 An epoch is the training steps plus the whole-training-set IoU pass that decides convergence;
 discs/s counts the discs trained per epoch over its seconds. The convergence target is set out of
 reach so every run trains exactly --epochs epochs.
 
-    python bench/training.py [--patients 25] [--epochs 30] [--seg-patients 8] [--seg-epochs 3]
+    python bench/training.py [--patients 25] [--epochs 30] [--rounds 3] [--seg-patients 8]
+                             [--seg-epochs 3]
 
 Writes bench/results/training.json.
 """
@@ -38,6 +41,7 @@ import torch  # noqa: E402
 
 from pipeline import config, storage, tables  # noqa: E402
 from pipeline.aetrain import TrainSpec, train_autoencoder, train_cubes  # noqa: E402
+from pipeline.cluster import worker_layout  # noqa: E402
 from pipeline.cohort import catalog  # noqa: E402
 from pipeline.segtrain import train_segmenter  # noqa: E402
 from pipeline.synthetic import synthesize  # noqa: E402
@@ -69,7 +73,7 @@ def fit_overhead_s(workers: int, storage_path: str) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cpus = ray.available_resources().get("CPU", 1.0) / workers
+    cpus = worker_layout(workers)[2]
     trainer = TorchTrainer(
         _noop_loop, scaling_config=ScalingConfig(num_workers=workers,
                                                  resources_per_worker={"CPU": cpus}),
@@ -86,33 +90,32 @@ def epoch_row(label: str, history: list[dict], wall_s: float, workers: int, thre
     steady = statistics.median(seconds)
     n_discs = history[-1]["n_discs"]
     return {"run": label, "workers": workers, "threads_per_worker": threads,
+            "epoch_s": seconds,
             "epochs": len(history), "discs": n_discs, "wall_s": wall_s,
             "epoch_s_median": steady, "outside_epochs_s": wall_s - sum(seconds),
             "discs_per_s": n_discs / steady,
             "discs_per_s_end_to_end": n_discs * len(history) / wall_s}
 
 
-def plain_run(cubes, cfg, bottleneck: int, epochs: int, threads: int) -> dict:
+def plain_run(cubes, cfg, bottleneck: int, epochs: int, threads: int, label: str) -> dict:
     """The autoencoder trained in this process, through the loop Ray Train workers run."""
     torch.set_num_threads(threads)
     spec = TrainSpec.from_config(cfg, bottleneck, max_epochs=epochs)
     started = time.perf_counter()
     fit = train_cubes(cubes, spec, report=lambda metrics, folder: None)
     wall_s = time.perf_counter() - started
-    return epoch_row("plain loop", [dataclasses.asdict(s) for s in fit.history], wall_s, 1,
-                     threads)
+    return epoch_row(label, [dataclasses.asdict(s) for s in fit.history], wall_s, 1, threads)
 
 
 def ray_run(discs_path: str, cfg, bottleneck: int, epochs: int, workers: int,
-            storage_path: str) -> dict:
+            storage_path: str, label: str) -> dict:
     cfg = dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder,
                                                                    num_workers=workers))
-    cpus = ray.available_resources().get("CPU", 1.0) / workers
     result = train_autoencoder(discs_path, cfg, bottleneck, storage_path,
                                name=f"ae-{workers}w-{uuid.uuid4().hex[:8]}",
                                progress=common.progress, max_epochs=epochs)
-    return epoch_row(f"Ray Train, {workers} worker(s)", result.history, result.wall_s, workers,
-                     max(1, int(cpus)))
+    return epoch_row(label, result.history, result.wall_s, workers,
+                     max(1, int(worker_layout(workers)[2])))
 
 
 def segmentation_run(patients: int, epochs: int, cfg, storage_path: str, tmp: str) -> dict:
@@ -144,6 +147,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=25, help="synthetic patients whose "
                         "discs (six each) the autoencoder trains on")
     parser.add_argument("--epochs", type=int, default=30, help="autoencoder epochs per run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating plain / Ray Train "
+                        "(1 worker) pairs behind the overhead ratio")
     parser.add_argument("--seg-patients", type=int, default=8)
     parser.add_argument("--seg-epochs", type=int, default=3)
     parser.add_argument("--real-run-epochs", type=int, default=300,
@@ -170,33 +175,50 @@ def main() -> None:
             common.progress(f"TorchTrainer.fit() with an empty loop, {workers} worker(s)")
             overhead[workers] = fit_overhead_s(workers, storage_path)
             common.progress(f"  {overhead[workers]:.1f} s")
-        common.progress(f"autoencoder, plain loop: {len(cubes)} discs x {args.epochs} epochs")
-        runs = [plain_run(cubes, cfg, bottleneck, args.epochs, threads=cpus)]
-        common.progress(f"  {runs[-1]['wall_s']:.1f} s")
-        for workers in (1, 2):
-            common.progress(f"autoencoder, Ray Train with {workers} worker(s)")
-            runs.append(ray_run(discs_path, cfg, bottleneck, args.epochs, workers,
-                                storage_path))
+        plain, ray1 = [], []
+        for r in range(1, args.rounds + 1):
+            common.progress(f"round {r}/{args.rounds}: autoencoder, plain loop, {len(cubes)} "
+                            f"discs x {args.epochs} epochs")
+            plain.append(plain_run(cubes, cfg, bottleneck, args.epochs, threads=cpus,
+                                   label=f"plain loop, round {r}"))
+            common.progress(f"  {plain[-1]['wall_s']:.1f} s")
+            common.progress(f"round {r}/{args.rounds}: autoencoder, Ray Train with 1 worker")
+            ray1.append(ray_run(discs_path, cfg, bottleneck, args.epochs, 1, storage_path,
+                                label=f"Ray Train, 1 worker, round {r}"))
+        common.progress("autoencoder, Ray Train with 2 workers")
+        runs = plain + ray1 + [ray_run(discs_path, cfg, bottleneck, args.epochs, 2,
+                                       storage_path, label="Ray Train, 2 workers")]
         common.progress(f"segmentation training: {args.seg_patients} patients, "
                         f"{args.seg_epochs} epochs")
         segmentation = segmentation_run(args.seg_patients, args.seg_epochs, cfg, storage_path,
                                         tmp)
         ray.shutdown()
 
-    plain, ray1 = runs[0], runs[1]
-    epoch_ratio = ray1["epoch_s_median"] / plain["epoch_s_median"]
     real = args.real_run_epochs
 
-    def projected(run: dict) -> float:
-        return run["outside_epochs_s"] + real * run["epoch_s_median"]
+    def pooled(side: list[dict]) -> dict:
+        """One side's median epoch over all rounds, mean wall and mean time outside epochs."""
+        return {"epoch_s": statistics.median(s for run in side for s in run["epoch_s"]),
+                "wall_s": statistics.mean(run["wall_s"] for run in side),
+                "outside_epochs_s": statistics.mean(run["outside_epochs_s"] for run in side)}
+
+    p, r = pooled(plain), pooled(ray1)
+    epoch_ratio = r["epoch_s"] / p["epoch_s"]
+
+    def projected(side: dict) -> float:
+        return side["outside_epochs_s"] + real * side["epoch_s"]
 
     overhead_result = {
-        "raw_wall_ratio": ray1["wall_s"] / plain["wall_s"],
+        "rounds": args.rounds,
+        "plain_epoch_s_median": p["epoch_s"], "ray_epoch_s_median": r["epoch_s"],
+        "raw_wall_ratio": r["wall_s"] / p["wall_s"],
         "per_epoch_ratio": epoch_ratio,
+        "per_epoch_ratio_by_round": [b["epoch_s_median"] / a["epoch_s_median"]
+                                     for a, b in zip(plain, ray1, strict=True)],
         "real_run_epochs": real,
-        "projected_real_run_ratio": projected(ray1) / projected(plain),
+        "projected_real_run_ratio": projected(r) / projected(p),
         "target": 1.2,
-        "ray_outside_epochs_s": ray1["outside_epochs_s"],
+        "ray_outside_epochs_s": r["outside_epochs_s"],
     }
     result = {"autoencoder": runs, "fit_overhead_s": {f"{w}_workers": s for w, s in
                                                       overhead.items()},
@@ -206,11 +228,13 @@ def main() -> None:
                                "bottleneck": bottleneck, "batch_size": cfg.autoencoder.batch_size},
               "preset": args.preset}
     print("\nautoencoder training (epoch = training steps + the whole-set IoU pass)")
-    print(common.table(runs))
+    print(common.table(runs, [c for c in runs[0] if c != "epoch_s"]))
     print("\nTorchTrainer.fit() of an empty loop: "
           + ", ".join(f"{s:.1f} s with {w} worker(s)" for w, s in overhead.items()))
-    print(f"Ray Train / plain loop, same discs and {args.epochs} epochs: "
-          f"{overhead_result['raw_wall_ratio']:.2f}x wall, {epoch_ratio:.2f}x per epoch; "
+    by_round = ", ".join(f"{x:.2f}x" for x in overhead_result["per_epoch_ratio_by_round"])
+    print(f"Ray Train / plain loop, same discs and {args.epochs} epochs, {args.rounds} rounds: "
+          f"{overhead_result['raw_wall_ratio']:.2f}x wall, {epoch_ratio:.2f}x per epoch "
+          f"(by round: {by_round}); "
           f"over a {real}-epoch run: {overhead_result['projected_real_run_ratio']:.2f}x "
           f"(target <= 1.2x)")
     print(f"\nsegmentation training ({segmentation['model']}, {segmentation['train_volumes']} "

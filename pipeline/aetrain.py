@@ -37,6 +37,7 @@ from pipeline.autoencoder import (
     read_state,
     save_checkpoint,
 )
+from pipeline.cluster import worker_layout
 from pipeline.config import Config
 from pipeline.progress import WorkerProgress, send
 
@@ -347,10 +348,9 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
 
     A run with the same storage_path and name resumes from its last checkpoint (a finished
     run returns at once). max_epochs and plateau (early stop) override the config for sweeps;
-    cpus_per_worker defaults to the cluster's free CPUs shared among the workers. progress=None
-    prints nothing (a sweep's trials report through Tune instead).
+    cpus_per_worker defaults to cluster.worker_layout's share. progress=None prints nothing (a
+    sweep's trials report through Tune instead).
     """
-    import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -365,18 +365,18 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
     if n_discs < workers:
         raise ValueError(f"{discs_path} has {n_discs} training reference discs, fewer than the "
                          f"{workers} workers")
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if cpus_per_worker is None:
-        cpus_per_worker = max(0.1, ray.available_resources().get("CPU", 1.0) / workers)
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if gpus else {})}
+    workers, use_gpu, layout_cpus = worker_layout(workers)
+    cpus_per_worker = layout_cpus if cpus_per_worker is None else cpus_per_worker
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     say(f"autoencoder k={bottleneck}: {n_discs} training discs, {workers} worker(s) "
-        f"{'on GPU' if gpus else 'on CPU'}, up to {spec.max_epochs} epochs")
+        f"{'on GPU' if use_gpu else f'on {cpus_per_worker:g} CPU each'}, "
+        f"up to {spec.max_epochs} epochs")
     with WorkerProgress(progress) as sink:
         trainer = TorchTrainer(
             _train_loop_per_worker,
             train_loop_config={"spec": spec, "threads": max(1, int(cpus_per_worker)),
                                "progress": sink},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=storage.absolute(storage_path),
                                  callbacks=callbacks,

@@ -64,9 +64,9 @@ def encode_discs(discs_path: str, checkpoint_path: str, out: str,
     n_discs = discs.count()
     if n_discs == 0:
         raise ValueError(f"{discs_path} holds no discs to encode")
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()  # not the momentary free ones (see pipeline.cluster)
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1.0)
     # GPU: one actor per GPU. CPU: one single-threaded actor per CPU, less one for reading.
-    cpus = ray.available_resources().get("CPU", 1.0)
     actors = gpus if gpus else max(1, int(cpus) - 1)
     actors = max(1, min(actors, -(-n_discs // ENCODE_BATCH)))
     progress(f"encoding {n_discs} discs with {actors} Encoder actor(s) on "

@@ -41,6 +41,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from pipeline import preprocess, segmodels, storage, validate
+from pipeline.cluster import worker_layout
 from pipeline.config import Config, SegmentationConfig
 from pipeline.progress import WorkerProgress, send
 
@@ -192,22 +193,6 @@ def train_loop_per_worker(config: dict) -> dict:
                      f"{state['best_epoch']}), {metrics['seconds']:.1f} s")
             ray.train.report(metrics, checkpoint=checkpoint)
     return state
-
-
-def worker_layout(num_workers: int) -> tuple[int, bool, float]:
-    """(workers, use_gpu, CPUs per worker) from the cluster: one worker per GPU when there are
-    GPUs; otherwise `num_workers` (0: one per node), sharing the CPUs of the smallest node."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return (num_workers or gpus), True, 1.0
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes()
-                 if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
-    if not node_cpus:
-        raise ValueError("the Ray cluster has no CPUs to train on")
-    workers = num_workers or len(node_cpus)
-    per_worker = max(1.0, math.floor(min(node_cpus) * len(node_cpus) / workers))
-    return workers, False, float(min(per_worker, max(node_cpus)))
 
 
 def _checkpoint_location(checkpoint: Checkpoint, storage_path: str) -> str:

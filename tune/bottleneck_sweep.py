@@ -62,19 +62,19 @@ class TrialPlan:
     cpus_per_worker: float  # nested only: each TorchTrainer worker's CPU share
 
 
-def plan_trials(available: dict, n_trials: int, nested: bool, num_workers: int = 1) -> TrialPlan:
-    """Size trial concurrency from the cluster's free resources.
+def plan_trials(resources: dict, n_trials: int, nested: bool, num_workers: int = 1) -> TrialPlan:
+    """Size trial concurrency from the cluster's resources.
 
     Plain trials train in the trial itself and reserve their real share: a GPU each where there
-    are GPUs, else the free CPUs split among the trials that run at once, up to two trials per
+    are GPUs, else the CPUs split among the trials that run at once, up to two trials per
     CPU (3 single-threaded trials on 2 CPUs finish in 1.5 trial-times, not 2 with one core idle
     at the end). Nested trials reserve
     almost nothing ({"cpu": 0.01}: a trial reserving a whole CPU beside its trainer's workers
     never starts on 2 CPUs) and give their workers fractional CPUs, leaving a CPU for Ray Data.
     """
-    cpus, gpus = float(available.get("CPU", 0.0)), int(available.get("GPU", 0))
+    cpus, gpus = float(resources.get("CPU", 0.0)), int(resources.get("GPU", 0))
     if cpus < 0.5:
-        raise ValueError(f"the cluster has {cpus:g} free CPUs: not enough for a sweep trial")
+        raise ValueError(f"the cluster has {cpus:g} CPUs: not enough for a sweep trial")
     if not nested:
         concurrency = min(n_trials, gpus if gpus else max(1, int(2 * cpus)))
         share = cpus / concurrency
@@ -184,7 +184,8 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
     if not bottlenecks or min(bottlenecks) < 1:
         raise ValueError(f"sweep.bottlenecks must be positive sizes; got {cfg.sweep.bottlenecks}")
     nested = cfg.sweep.nested_train
-    plan = plan_trials(ray.available_resources(), len(bottlenecks), nested,
+    # the cluster's CPUs, not the momentary free ones (see pipeline.cluster)
+    plan = plan_trials(ray.cluster_resources(), len(bottlenecks), nested,
                        cfg.autoencoder.num_workers)
     tables.require_discs(discs_path)
     storage_path = storage.absolute(storage_path)
