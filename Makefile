@@ -19,9 +19,9 @@ demo: $(STAMP)
 	$(PY) jobs/run_pipeline.py --out demo/out
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q
+	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=8
 
-# Benchmarks print tables and write bench/results/*.json (about 20 minutes on 2 cores; run them
+# Benchmarks print tables and write bench/results/*.json (about 16 minutes on 2 cores; run them
 # on a quiet machine). The two streaming ones reuse the segmenter of a finished `make demo`.
 bench: $(STAMP)
 	$(PY) bench/geometry_accuracy.py
