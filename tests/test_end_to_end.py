@@ -27,8 +27,9 @@ FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 TINY = [
     "synthetic.patients=6",
     "synthetic.sequences=t1",
-    # ~40 optimizer steps: fewer left a 2-worker run (one per node in the Ray Job test) with a
-    # segmenter that sometimes predicted no disc at all
+    # ~40 optimizer steps over two workers (one per node): the segmenter learns little (val
+    # Dice ~0.02-0.1), so the test checks that every predicted component is accounted for, not
+    # that whole discs were found
     "segmentation.epochs=4",
     "segmentation.patience=4",
     "segmentation.batch_size=1",
@@ -118,7 +119,20 @@ def test_every_output_is_written(finished_run):
     discs = pd.read_parquet(tables.path(str(out), tables.DISCS), columns=tables.DISC_KEYS)
     latents = pd.read_parquet(tables.path(str(out), tables.LATENTS))
     assert len(latents) == len(discs)
-    assert set(discs.mask_source) == {"reference", "predicted"}
+    sources = set(discs.mask_source)
+    assert "reference" in sources and sources <= {"reference", "predicted"}
+    # The predicted path ran on every series: each component the segmenter found became a
+    # predicted disc row or a recorded skip. (Whether a 4-epoch tiny segmenter finds whole discs
+    # is chance; tests/test_extract.py checks the predicted discs of a trained model.)
+    series = pd.read_parquet(tables.path(str(out), tables.SERIES), columns=["series_id"])
+    metrics = pd.read_parquet(tables.path(str(out), tables.SEGMENTATION_METRICS))
+    assert sorted(metrics.series_id) == sorted(series.series_id)
+    assert metrics.dice.notna().all()
+    predicted = discs[discs.mask_source == "predicted"].groupby("series_id").size()
+    for row in metrics.itertuples():
+        skipped = [s for s in row.skipped_discs.split("; ") if s.startswith("predicted disc")]
+        assert row.n_predicted_discs == predicted.get(row.series_id, 0), row.series_id
+        assert row.n_predicted_discs + len(skipped) == row.n_found, row.series_id
     figures = list((out / "figures").glob("*.png"))
     assert len(figures) >= 5 and all(f.stat().st_size > 1000 for f in figures)
     report = (out / "report.md").read_text()
