@@ -114,8 +114,7 @@ def ray_run(discs_path: str, cfg, bottleneck: int, epochs: int, workers: int,
     result = train_autoencoder(discs_path, cfg, bottleneck, storage_path,
                                name=f"ae-{workers}w-{uuid.uuid4().hex[:8]}",
                                progress=common.progress, max_epochs=epochs)
-    return epoch_row(label, result.history, result.wall_s, workers,
-                     max(1, int(worker_layout(workers)[2])))
+    return epoch_row(label, result.history, result.wall_s, workers, result.threads_per_worker)
 
 
 def segmentation_run(patients: int, epochs: int, cfg, storage_path: str, tmp: str) -> dict:

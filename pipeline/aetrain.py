@@ -286,6 +286,7 @@ class AutoencoderResult:
     converged: bool
     stopped_early: bool
     wall_s: float
+    threads_per_worker: int  # torch threads each worker trained with, as it reported
     history: list[dict] = field(default_factory=list)  # one EpochStats dict per epoch
 
 
@@ -335,7 +336,8 @@ def _train_loop_per_worker(config: dict) -> dict:
                           device=ray.train.torch.get_device(),
                           prepare=ray.train.torch.prepare_model,
                           gather=_gather_local if world == 1 else _all_gather, rank=rank)
-    return {**fit_summary(fit), "history": [asdict(s) for s in fit.history]}
+    return {**fit_summary(fit), "history": [asdict(s) for s in fit.history],
+            "threads": torch.get_num_threads()}
 
 
 def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_path: str,
@@ -399,7 +401,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
         mean_iou=summary["mean_iou"], iou_ci_low=summary["iou_ci_low"],
         iou_ci_high=summary["iou_ci_high"], epochs=summary["epochs"],
         converged=summary["converged"], stopped_early=summary["stopped_early"], wall_s=wall_s,
-        history=summary["history"])
+        history=summary["history"], threads_per_worker=summary["threads"])
     say(f"autoencoder k={bottleneck}: mean IoU {outcome.mean_iou:.4f} "
         f"({outcome.iou_ci_low:.4f}-{outcome.iou_ci_high:.4f}) after {outcome.epochs} epochs, "
         f"{'converged' if outcome.converged else 'not converged'}, {wall_s:.0f} s")

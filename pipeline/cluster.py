@@ -1,8 +1,8 @@
 """How many Ray Train workers a run gets, and how many CPUs (or a GPU) each, from the cluster.
 
-Sized from the nodes' total resources, never from `ray.available_resources()`: that view lags
-the release of CPUs that Ray Data tasks held a moment earlier: sized from it, the autoencoder's
-one worker on a 2-CPU laptop got 1 CPU (so 1 torch thread) instead of 2 in some runs and trained
+Sized from the nodes' total resources, never from `ray.available_resources()`, which lags the
+release of CPUs that Ray Data tasks held a moment earlier. Sized from it, the autoencoder's one
+worker on a 2-CPU laptop got 1 CPU (so 1 torch thread) instead of 2 in some runs and trained
 ~1.4x slower per epoch. Stages run one after another, so the CPUs are free when a trainer asks.
 """
 

@@ -92,6 +92,7 @@ def test_ray_train_lowers_the_loss_and_resumes_on_two_workers(tmp_path, ray_sess
     model, meta = load_model(first.checkpoint_path)
     assert model.bottleneck == 3 and meta["epochs"] == 4
     assert first.iou_ci_low <= first.mean_iou <= first.iou_ci_high
+    assert first.threads_per_worker == 1  # reported by the worker: its 1-CPU share
 
     # The same name resumes from the last checkpoint, here on two data-parallel workers that
     # still judge the IoU over all 9 discs (5 on one worker, 4 on the other).
