@@ -30,9 +30,11 @@ from bench import common  # noqa: E402, I001  (sets Ray's environment: import it
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from pipeline import config, extract, storage  # noqa: E402
-from pipeline.cohort import catalog  # noqa: E402
-from pipeline.synthetic import synthesize  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.data import storage  # noqa: E402
+from pipeline.segmentation import stream  # noqa: E402
+from pipeline.data.cohort import catalog  # noqa: E402
+from pipeline.data.synthetic import synthesize  # noqa: E402
 
 
 def _status_mib(field: str) -> float:
@@ -86,7 +88,7 @@ def main() -> None:
         load_before = common.load_average()
         common.progress("cold start: one series on a fresh Ray")
         started = time.perf_counter()
-        extract.run_extraction(series.iloc[:1], cfg, checkpoint, storage.join(tmp, "cold"),
+        stream.run_extraction(series.iloc[:1], cfg, checkpoint, storage.join(tmp, "cold"),
                                progress=None)
         cold_start_s = time.perf_counter() - started
         for size in sizes:
@@ -96,7 +98,7 @@ def main() -> None:
             exact = reset_peak_rss()
             common.progress(f"{size} patients ({len(cohort)} series)")
             started = time.perf_counter()
-            result = extract.run_extraction(cohort, cfg, checkpoint, out, progress=None)
+            result = stream.run_extraction(cohort, cfg, checkpoint, out, progress=None)
             wall_s = time.perf_counter() - started
             if result.errors:
                 raise RuntimeError(result.errors[0]["reason"])

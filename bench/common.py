@@ -90,9 +90,9 @@ def synthetic_disc_cubes(patients: int, cube_size: int, cube_spacing_mm: float,
                          seed: int = 0) -> np.ndarray:
     """(N, S, S, S) uint8 reference-mask cubes of a fresh synthetic cohort (six discs a
     patient), cut by the pipeline's own disc isolation: the discs the autoencoder trains on."""
-    from pipeline.discs import disc_cube, reference_discs
-    from pipeline.io import read_volume
-    from pipeline.synthetic import synthesize
+    from pipeline.data.synthetic import synthesize
+    from pipeline.data.volumes import read_volume
+    from pipeline.discs.isolate import disc_cube, reference_discs
 
     cubes = []
     with tempfile.TemporaryDirectory() as tmp:

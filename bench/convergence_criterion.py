@@ -30,8 +30,8 @@ from bench import common  # noqa: E402, I001  (sets Ray's environment: import it
 import torch  # noqa: E402
 
 from pipeline import config  # noqa: E402
-from pipeline.aetrain import Fit, evaluate_ious, fit_epochs  # noqa: E402
-from pipeline.autoencoder import DiscAutoencoder, disc_iou, iou_summary  # noqa: E402
+from pipeline.shape.train import Fit, evaluate_ious, fit_epochs  # noqa: E402
+from pipeline.shape.model import DiscAutoencoder, disc_iou, iou_summary  # noqa: E402
 
 
 class PaperCriterion:

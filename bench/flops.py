@@ -40,10 +40,12 @@ from monai.data import set_track_meta  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pipeline import config, extract, segmodels  # noqa: E402
-from pipeline.autoencoder import DiscAutoencoder  # noqa: E402
-from pipeline.cohort import catalog  # noqa: E402
-from pipeline.synthetic import synthesize  # noqa: E402
+from pipeline.data import checkpoints  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.segmentation import models as segmodels, stream  # noqa: E402
+from pipeline.shape.model import DiscAutoencoder  # noqa: E402
+from pipeline.data.cohort import catalog  # noqa: E402
+from pipeline.data.synthetic import synthesize  # noqa: E402
 
 GIGA = 1e9
 
@@ -159,19 +161,19 @@ def segmentation_volumes(cfg: config.Config, patients: int, tmp: str) -> list[np
     data = os.path.join(tmp, "spider")
     synthesize(data, patients=patients, seed=4, sequences=(cfg.sequence,))
     rows = catalog(data, cfg.sequence).series.to_dict("records")
-    return [np.asarray(extract.load_series(row, cfg.segmentation)["image"]) for row in rows]
+    return [np.asarray(stream.load_series(row, cfg.segmentation)["image"]) for row in rows]
 
 
 def segmenter(cfg: config.Config, tmp: str, sw_batch_size: int, threads: int
-              ) -> extract.Segmenter:
+              ) -> stream.Segmenter:
     folder = os.path.join(tmp, "segmenter")
     if not os.path.exists(folder):
         os.makedirs(folder)
         torch.manual_seed(0)
         model = segmodels.build_segmenter(cfg.segmentation)
-        segmodels.write_checkpoint(folder, model.eval(),
+        checkpoints.write(folder, model.eval(),
                                    {"segmentation": dataclasses.asdict(cfg.segmentation)})
-    return extract.Segmenter(folder, cfg.segmentation.inference_overlap, sw_batch_size,
+    return stream.Segmenter(folder, cfg.segmentation.inference_overlap, sw_batch_size,
                              threads=threads)
 
 

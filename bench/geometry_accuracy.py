@@ -17,11 +17,11 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from pipeline import tables  # noqa: E402
-from pipeline.discs import reference_discs  # noqa: E402
-from pipeline.geometry import measure_bulge, measure_disc  # noqa: E402
-from pipeline.io import read_volume  # noqa: E402
-from pipeline.synthetic import synthesize  # noqa: E402
+from pipeline.data import tables  # noqa: E402
+from pipeline.data.synthetic import synthesize  # noqa: E402
+from pipeline.data.volumes import read_volume  # noqa: E402
+from pipeline.discs.geometry import measure_bulge, measure_disc  # noqa: E402
+from pipeline.discs.isolate import reference_discs  # noqa: E402
 
 
 def measure_cohort(root: Path) -> pd.DataFrame:

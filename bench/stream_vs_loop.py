@@ -30,9 +30,11 @@ from bench import common  # noqa: E402, I001  (sets Ray's environment: import it
 
 import ray  # noqa: E402
 
-from pipeline import config, extract, segmodels, storage  # noqa: E402
-from pipeline.cohort import catalog  # noqa: E402
-from pipeline.synthetic import synthesize  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.data import storage  # noqa: E402
+from pipeline.segmentation import models as segmodels, stream  # noqa: E402
+from pipeline.data.cohort import catalog  # noqa: E402
+from pipeline.data.synthetic import synthesize  # noqa: E402
 
 # The stream's operators are named after the functions they map; one stage each.
 STAGES = {"read_series": "read", "preprocess_series": "preprocess", "Segmenter": "infer",
@@ -65,16 +67,16 @@ def run_loop(series, cfg, checkpoint: str, out: str, threads: int) -> tuple[floa
     """Seconds to process every series one after another in this process (model load
     included), and the seconds spent in each stage."""
     started = time.perf_counter()
-    segmenter = extract.Segmenter(checkpoint, cfg.segmentation.inference_overlap,
+    segmenter = stream.Segmenter(checkpoint, cfg.segmentation.inference_overlap,
                                   cfg.segmentation.inference_batch_size, threads=threads)
     seg = segmodels.config_from_meta(segmenter.meta)
     seconds = dict.fromkeys(STAGES.values(), 0.0)
     for row in series.to_dict("records"):
         sample = row
-        for stage, step in (("read", extract.read_series),
-                            ("preprocess", lambda s: extract.preprocess_series(s, seg)),
+        for stage, step in (("read", stream.read_series),
+                            ("preprocess", lambda s: stream.preprocess_series(s, seg)),
                             ("infer", segmenter.segment),
-                            ("extract", lambda s: extract.extract_series(s, cfg, out))):
+                            ("extract", lambda s: stream.extract_series(s, cfg, out))):
             begun = time.perf_counter()
             sample = step(sample)
             seconds[stage] += time.perf_counter() - begun
@@ -90,7 +92,7 @@ def run_stream(series, cfg, checkpoint: str, out: str) -> tuple[float, dict, dic
     the first extraction began (after its task worker started)."""
     ray.data.DataContext.get_current().per_stage_map_timing = True
     started = time.perf_counter()
-    result = extract.run_extraction(series, cfg, checkpoint, out, progress=None)
+    result = stream.run_extraction(series, cfg, checkpoint, out, progress=None)
     wall_s = time.perf_counter() - started
     if result.errors:
         raise RuntimeError(result.errors[0]["reason"])
@@ -135,7 +137,7 @@ def main() -> None:
         for uri in [*series["image_uri"], *series["mask_uri"]]:
             storage.read_bytes(uri)  # both paths then find the files in the page cache
         common.init_ray(args.address)
-        layout = extract.actor_layout()
+        layout = stream.actor_layout()
         load_before = common.load_average()  # other work on the machine skews both timings
         common.progress(f"stream: {len(series)} series, {layout['size']} Segmenter actor(s)")
         stream_s, stream_stages, began = run_stream(series, cfg, checkpoint,

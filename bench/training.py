@@ -2,7 +2,7 @@
 throughput, the fixed cost of a TorchTrainer.fit(), and Ray Train's overhead over a plain loop.
 
 The overhead comparison trains the same autoencoder (same discs, seed, epochs and torch threads)
-through the same code (pipeline.aetrain.train_cubes -> fit_epochs): in this process, and in one
+through the same code (pipeline.shape.train.train_cubes -> fit_epochs): in this process, and in one
 Ray Train worker, alternating --rounds times (this machine's speed drifts by +-20% over minutes;
 alternating keeps a slow spell from landing on one side only). The raw wall-time ratio includes
 Ray Train's start-up, which a real run pays once; the per-epoch ratio (median epoch over all
@@ -39,12 +39,13 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import config, storage, tables  # noqa: E402
-from pipeline.aetrain import TrainSpec, train_autoencoder, train_cubes  # noqa: E402
-from pipeline.cluster import worker_layout  # noqa: E402
-from pipeline.cohort import catalog  # noqa: E402
-from pipeline.segtrain import train_segmenter  # noqa: E402
-from pipeline.synthetic import synthesize  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.data import storage, tables  # noqa: E402
+from pipeline.shape.train import TrainSpec, train_autoencoder, train_cubes  # noqa: E402
+from pipeline.resources import worker_layout  # noqa: E402
+from pipeline.data.cohort import catalog  # noqa: E402
+from pipeline.segmentation.train import train_segmenter  # noqa: E402
+from pipeline.data.synthetic import synthesize  # noqa: E402
 
 UNREACHABLE_IOU = 2.0  # no epoch converges: every run trains exactly the epochs asked for
 

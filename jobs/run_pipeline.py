@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as configuration  # noqa: E402
-from pipeline import stages as pipeline_stages  # noqa: E402
-from pipeline import storage  # noqa: E402
-from pipeline.report import package_versions  # noqa: E402
-from pipeline.runner import EXIT_FAILED, EXIT_INTERRUPTED, Context, run_stages  # noqa: E402
+from pipeline.analysis.report import package_versions  # noqa: E402
+from pipeline.data import storage  # noqa: E402
+from pipeline.run import stages as pipeline_stages  # noqa: E402
+from pipeline.run.runner import EXIT_FAILED, EXIT_INTERRUPTED, Context, run_stages  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

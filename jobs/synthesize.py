@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import SyntheticConfig  # noqa: E402
-from pipeline.synthetic import synthesize  # noqa: E402
+from pipeline.data.synthetic import synthesize  # noqa: E402
 
 PROGRESS_EVERY = 10  # patients
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import io, labels
+from pipeline.data import labels, volumes
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,14 @@ BAD_SERIES = sorted({c.series_id for c in CASES if c.series_id})
 def make_corpus(root: Path, clean: Path) -> Path:
     """Copy the clean cohort to `root` and add every case of CASES; returns `root`."""
     shutil.copytree(clean, root)
-    image = io.read_volume(str(clean / "images" / f"{SOURCE}.mha"))
-    mask = io.read_volume(str(clean / "masks" / f"{SOURCE}.mha"))
+    image = volumes.read_volume(str(clean / "images" / f"{SOURCE}.mha"))
+    mask = volumes.read_volume(str(clean / "masks" / f"{SOURCE}.mha"))
     images, masks = root / "images", root / "masks"
 
     def write(folder: Path, series_id: str, array: np.ndarray, spacing=None) -> Path:
         spacing = image.spacing if spacing is None else spacing
         path = folder / f"{series_id}.mha"
-        io.write_volume(str(path), array, io.make_header(array.shape, spacing, "LPS"))
+        volumes.write_volume(str(path), array, volumes.make_header(array.shape, spacing, "LPS"))
         return path
 
     def pair(series_id: str, image_array=None, mask_array=None) -> None:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import storage, tables
+from pipeline.data import storage, tables
 
 
 @pytest.fixture()

@@ -110,7 +110,7 @@ def spine_segment(
     bodies of its vertebrae (lower, upper: `labels.vertebrae_of_disc`), all tilted by a sagittal
     angle. `disc_shift_mm` moves the disc along its AP axis (negative: posteriorly). `facets`
     adds posterior elements of the upper vertebra at the disc's level, behind a canal."""
-    from pipeline.labels import vertebrae_of_disc
+    from pipeline.data.labels import vertebrae_of_disc
 
     spacing = np.asarray(spacing, dtype=float)
     frame = tilted_frame(sagittal_deg, 0.0)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.aetrain import (
+from pipeline.shape.model import DiscAutoencoder, load_model
+from pipeline.shape.train import (
     evaluate_ious,
     fit_epochs,
     load_training_cubes,
     train_autoencoder,
 )
-from pipeline.autoencoder import DiscAutoencoder, load_model
 from tests.disc_cubes import disc_cube, one_torch_thread, write_discs  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.autoencoder import (
+from pipeline.shape.model import (
     PAPER_CHANNELS,
     DiscAutoencoder,
     disc_iou,

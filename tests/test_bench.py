@@ -12,11 +12,13 @@ from monai.data import set_track_meta
 
 from bench import flops, stream_vs_loop
 from bench.convergence_criterion import PaperCriterion
-from pipeline import config, segmodels
-from pipeline.aetrain import fit_epochs
-from pipeline.autoencoder import DiscAutoencoder
-from pipeline.cohort import catalog
-from pipeline.synthetic import synthesize
+from pipeline import config
+from pipeline.data import checkpoints
+from pipeline.data.cohort import catalog
+from pipeline.data.synthetic import synthesize
+from pipeline.segmentation import models as segmodels
+from pipeline.shape.model import DiscAutoencoder
+from pipeline.shape.train import fit_epochs
 from tests.disc_cubes import disc_cube, one_torch_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -85,7 +87,7 @@ def test_stream_stage_breakdown_covers_every_stage(ray_session, tmp_path):
     checkpoint = tmp_path / "segmenter"
     checkpoint.mkdir()
     torch.manual_seed(0)
-    segmodels.write_checkpoint(str(checkpoint), segmodels.build_segmenter(cfg.segmentation),
+    checkpoints.write(str(checkpoint), segmodels.build_segmenter(cfg.segmentation),
                                {"segmentation": dataclasses.asdict(cfg.segmentation)})
     context = ray_session.data.DataContext.get_current()
     per_stage = context.per_stage_map_timing

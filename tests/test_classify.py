@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import classify, config, labels, storage, tables
+from pipeline import config
+from pipeline.analysis import classify
+from pipeline.data import labels, storage, tables
 
 _HEIGHT_MM = {201: 8.9, 202: 9.3, 203: 8.2, 204: 7.6, 205: 7.0, 206: 6.5}
 

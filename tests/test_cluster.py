@@ -4,7 +4,7 @@ import time
 
 import ray
 
-from pipeline.cluster import worker_layout
+from pipeline.resources import worker_layout
 
 
 @ray.remote(num_cpus=1)

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import storage
-from pipeline.cohort import GRADINGS_COLUMNS, SERIES_COLUMNS, catalog
-from pipeline.io import make_header, read_volume, write_volume
+from pipeline.data import storage
+from pipeline.data.cohort import GRADINGS_COLUMNS, SERIES_COLUMNS, catalog
+from pipeline.data.volumes import make_header, read_volume, write_volume
 
 GRADINGS_HEADER = (
     "Patient,IVD label,Modic,UP endplate,LOW endplate,Spondylolisthesis,Disc herniation,"

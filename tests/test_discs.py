@@ -8,14 +8,14 @@ import pytest
 from scipy import ndimage
 
 from pipeline import config
-from pipeline.discs import (
+from pipeline.data.volumes import read_volume
+from pipeline.discs.isolate import (
     UNMATCHED_LABEL,
     Disc,
     disc_cube,
     predicted_discs,
     reference_discs,
 )
-from pipeline.io import read_volume
 
 
 @pytest.fixture(scope="module")

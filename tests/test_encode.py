@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import storage, tables
-from pipeline.autoencoder import DiscAutoencoder, as_input, model_id, save_checkpoint
-from pipeline.encode import Encoder, encode_discs
+from pipeline.data import storage, tables
+from pipeline.shape.encode import Encoder, encode_discs
+from pipeline.shape.model import DiscAutoencoder, as_input, model_id, save_checkpoint
 from tests.disc_cubes import disc_cube, one_torch_thread, write_discs  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

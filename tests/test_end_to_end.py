@@ -18,7 +18,7 @@ from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from jobs import run_pipeline
-from pipeline import storage, tables
+from pipeline.data import storage, tables
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}

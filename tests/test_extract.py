@@ -19,9 +19,12 @@ import torch
 from monai.data import set_track_meta
 from monai.losses import DiceCELoss
 
-from pipeline import config, extract, io, preprocess, segmodels, storage, tables
-from pipeline.cohort import catalog
-from pipeline.synthetic import synthesize
+from pipeline import config
+from pipeline.data import checkpoints, storage, tables, volumes
+from pipeline.data.cohort import catalog
+from pipeline.data.synthetic import synthesize
+from pipeline.segmentation import models as segmodels
+from pipeline.segmentation import preprocess, stream
 
 FIT_STEPS = 120  # enough for a tiny UNet to find every bright disc, with no false positives
 
@@ -41,10 +44,10 @@ def cohort(tmp_path_factory) -> pd.DataFrame:
     series = catalog(str(root), "t1").series
     rng = np.random.default_rng(0)
     for row in series.itertuples():
-        mask = io.read_volume(row.mask_uri)
+        mask = volumes.read_volume(row.mask_uri)
         bright = 100.0 + 800.0 * preprocess.disc_target(mask.array)
         image = (bright + rng.normal(0.0, 30.0, bright.shape)).astype(np.float32)
-        io.write_volume(row.image_uri, image, mask.header)
+        volumes.write_volume(row.image_uri, image, mask.header)
     return series
 
 
@@ -77,13 +80,13 @@ def checkpoint(cohort, tmp_path_factory) -> str:
     torch.set_num_threads(threads)
     set_track_meta(True)
     folder = tmp_path_factory.mktemp("segmenter")
-    segmodels.write_checkpoint(str(folder), model.eval(),
+    checkpoints.write(str(folder), model.eval(),
                                {"segmentation": dataclasses.asdict(seg)})
     return str(folder)
 
 
 def _disc_labels(mask_uri: str) -> set[int]:
-    return {int(v) for v in np.unique(io.read_volume(mask_uri).array) if v >= 201}
+    return {int(v) for v in np.unique(volumes.read_volume(mask_uri).array) if v >= 201}
 
 
 def test_stream_writes_reference_and_matching_predicted_discs(ray_session, cohort, checkpoint,
@@ -91,7 +94,7 @@ def test_stream_writes_reference_and_matching_predicted_discs(ray_session, cohor
     cfg = _config()
     out = str(tmp_path / "out")
     lines = []
-    result = extract.run_extraction(cohort, cfg, checkpoint, out, progress=lines.append)
+    result = stream.run_extraction(cohort, cfg, checkpoint, out, progress=lines.append)
 
     assert result.errors == []
     assert lines and lines[-1].startswith("extraction:")
@@ -125,17 +128,17 @@ def test_stream_writes_reference_and_matching_predicted_discs(ray_session, cohor
         paired = reference.merge(predicted, on="ivd_label", suffixes=("_ref", "_pred"))
         assert np.allclose(paired["height_mean_mm_ref"], paired["height_mean_mm_pred"], atol=3.0)
         # the prediction is written on the file's own grid, binary
-        written = io.read_volume(extract.prediction_path(out, row.series_id))
-        assert written.array.shape == io.read_volume(row.mask_uri).array.shape
+        written = volumes.read_volume(stream.prediction_path(out, row.series_id))
+        assert written.array.shape == volumes.read_volume(row.mask_uri).array.shape
         assert set(np.unique(written.array)) == {0, 1}
 
 
 def test_the_loop_path_gives_what_the_stream_gives(ray_session, cohort, checkpoint, tmp_path):
     cfg = _config()
     row = cohort.iloc[0].to_dict()
-    segmenter = extract.Segmenter(checkpoint, cfg.segmentation.inference_overlap, 2)
-    looped = extract.process_series(row, segmenter, cfg, str(tmp_path / "loop"))
-    streamed = extract.run_extraction(cohort.iloc[:1], cfg, checkpoint, str(tmp_path / "stream"),
+    segmenter = stream.Segmenter(checkpoint, cfg.segmentation.inference_overlap, 2)
+    looped = stream.process_series(row, segmenter, cfg, str(tmp_path / "loop"))
+    streamed = stream.run_extraction(cohort.iloc[:1], cfg, checkpoint, str(tmp_path / "stream"),
                                       progress=None).metrics.iloc[0]
     assert looped["series_id"] == streamed["series_id"]
     assert looped["dice"] == pytest.approx(streamed["dice"], abs=1e-6)
@@ -146,8 +149,8 @@ def _bad_series(cohort: pd.DataFrame, folder) -> pd.DataFrame:
     """Three broken copies of the first series: an unreadable image, a mask on a shorter grid,
     an image with NaN voxels."""
     good = cohort.iloc[0]
-    image = io.read_volume(good.image_uri)
-    mask = io.read_volume(good.mask_uri)
+    image = volumes.read_volume(good.image_uri)
+    mask = volumes.read_volume(good.mask_uri)
     folder.mkdir()
     rows = []
 
@@ -158,12 +161,12 @@ def _bad_series(cohort: pd.DataFrame, folder) -> pd.DataFrame:
     (folder / "garbage.mha").write_bytes(b"this is not a MetaImage")
     add("90_t1", folder / "garbage.mha", good.mask_uri)
     short = mask.array[:, :, :-7]
-    io.write_volume(str(folder / "short.mha"), short,
-                    io.make_header(short.shape, mask.spacing, mask.header.axcodes))
+    volumes.write_volume(str(folder / "short.mha"), short,
+                    volumes.make_header(short.shape, mask.spacing, mask.header.axcodes))
     add("91_t1", good.image_uri, folder / "short.mha")
     holes = image.array.astype(np.float32)
     holes[3, 40, 50] = np.nan
-    io.write_volume(str(folder / "nan.mha"), holes, image.header)
+    volumes.write_volume(str(folder / "nan.mha"), holes, image.header)
     add("92_t1", folder / "nan.mha", good.mask_uri)
     return pd.DataFrame(rows)
 
@@ -175,8 +178,8 @@ def test_bad_volumes_are_quarantined_and_the_rest_complete(ray_session, cohort, 
     out = str(tmp_path / "out")
     # a stale file from an earlier run of a now-broken series must not survive
     storage.makedirs(tables.path(out, tables.DISCS))
-    shutil.copyfile(__file__, extract.disc_table_path(out, "92_t1"))
-    result = extract.run_extraction(pd.concat([cohort, bad]), cfg, checkpoint, out,
+    shutil.copyfile(__file__, stream.disc_table_path(out, "92_t1"))
+    result = stream.run_extraction(pd.concat([cohort, bad]), cfg, checkpoint, out,
                                     progress=None)
 
     reasons = {e["series_id"]: e for e in result.errors}
@@ -196,5 +199,5 @@ def test_bad_volumes_are_quarantined_and_the_rest_complete(ray_session, cohort, 
     assert (metrics.loc[list(cohort["series_id"]), "dice"] > 0.8).all()
 
     with pytest.raises(ValueError, match="NaN/Inf"):
-        extract.run_extraction(bad.iloc[[2]], cfg, checkpoint, str(tmp_path / "strict"),
+        stream.run_extraction(bad.iloc[[2]], cfg, checkpoint, str(tmp_path / "strict"),
                                strict=True, progress=None)

@@ -20,9 +20,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import cohort, config, extract, segmodels, storage, tables
-from pipeline.segtrain import train_segmenter
-from pipeline.synthetic import synthesize
+from pipeline import config
+from pipeline.data import cohort, storage, tables
+from pipeline.data.synthetic import synthesize
+from pipeline.segmentation import models as segmodels
+from pipeline.segmentation import stream
+from pipeline.segmentation.train import train_segmenter
 from tests.test_end_to_end import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +53,7 @@ def _discs(out: Path) -> pd.DataFrame:
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np, pandas as pd
-    from pipeline import storage
+    from pipeline.data import storage
     target = sys.argv[1]
     tables = [pd.DataFrame({"value": np.full(3_000_000, float(v))}) for v in (1, 2)]
     print("writing", flush=True)
@@ -123,7 +126,7 @@ def test_an_interrupted_job_resumes_to_the_same_tables(small_cohort, tmp_path, r
         "results"]["checkpoint"]
     series = pd.read_parquet(tables.path(str(out), tables.SERIES))
     fresh = tmp_path / "fresh"
-    extract.run_extraction(series, config.load("demo", FAST), checkpoint, str(fresh),
+    stream.run_extraction(series, config.load("demo", FAST), checkpoint, str(fresh),
                            progress=None)
     pd.testing.assert_frame_equal(_discs(out), _discs(fresh))
     catalogued = cohort.catalog(str(root), sequence="t1", val_fraction=0.2, seed=0).series
@@ -211,13 +214,13 @@ def test_a_killed_segmenter_actor_loses_and_duplicates_no_rows(small_cohort, kil
                               args=(lambda: bool(_alive_pids("Segmenter")), "Segmenter", killed,
                                     1.5), daemon=True)
     killer.start()
-    result = extract.run_extraction(series, cfg, checkpoint, str(out), progress=None)
+    result = stream.run_extraction(series, cfg, checkpoint, str(out), progress=None)
     killer.join(timeout=5)
     assert killed, "no Segmenter actor was killed"
     assert not result.errors
     assert sorted(result.metrics["series_id"]) == sorted(series["series_id"])
     fresh = tmp_path / "fresh"
-    extract.run_extraction(series, cfg, checkpoint, str(fresh), progress=None)
+    stream.run_extraction(series, cfg, checkpoint, str(fresh), progress=None)
     killed_rows, fresh_rows = _discs(out), _discs(fresh)
     # Keys repeat legitimately only for predicted components that are split or unmatched
     # (ivd_label -1); a retried series must not add any other repeat.

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import tables
-from pipeline.discs import reference_discs
-from pipeline.geometry import measure_bulge, measure_disc
-from pipeline.io import read_volume
+from pipeline.data import tables
+from pipeline.data.volumes import read_volume
+from pipeline.discs.geometry import measure_bulge, measure_disc
+from pipeline.discs.isolate import reference_discs
 from tests.phantoms import spine_segment, wedge_disc
 
 THICK = (3.3, 0.6, 0.6)  # sagittal slices: thick along R

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import classify, interpret, storage, tables
-from pipeline.io import make_header, write_volume
+from pipeline.analysis import classify, figures
+from pipeline.data import storage, tables
+from pipeline.data.volumes import make_header, write_volume
 from tests.test_classify import fast_config, hand_made_cohort
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -39,35 +40,35 @@ def assert_png(path: str) -> np.ndarray:
 
 def test_traversal_codes_sweep_one_latent_and_hold_the_others_at_their_mean():
     latents = np.array([[0.0, 10.0], [3.0, 20.0], [6.0, 60.0]])
-    codes = interpret.traversal_codes(latents)
+    codes = figures.traversal_codes(latents)
     assert codes.shape == (2, 4, 2)
     np.testing.assert_allclose(codes[0, :, 0], [0, 2, 4, 6])
     np.testing.assert_allclose(codes[0, :, 1], 30.0)
     np.testing.assert_allclose(codes[1, :, 1], [10, 10 + 50 / 3, 10 + 100 / 3, 60])
     np.testing.assert_allclose(codes[1, :, 0], 3.0)
     with pytest.raises(ValueError, match="finite"):
-        interpret.traversal_codes(np.array([[np.nan, 1.0]]))
+        figures.traversal_codes(np.array([[np.nan, 1.0]]))
 
 
 def test_latent_traversal_writes_a_png_and_rejects_a_bad_decoder(tmp_path):
     _, latents, _ = hand_made_cohort(n_patients=6, discs_per_patient=3, k=3)
     codes = latents[["z0", "z1", "z2"]].to_numpy()
-    path = interpret.latent_traversal(ellipsoid_decoder, codes, str(tmp_path), voxel_mm=2.5)
+    path = figures.latent_traversal(ellipsoid_decoder, codes, str(tmp_path), voxel_mm=2.5)
     assert path == str(tmp_path / "figures" / "latent_traversal.png")
     assert_png(path)
     with pytest.raises(ValueError, match="decoder returned shape"):
-        interpret.latent_traversal(lambda z: np.zeros((len(z), 4, 4)), codes, str(tmp_path), 2.5)
+        figures.latent_traversal(lambda z: np.zeros((len(z), 4, 4)), codes, str(tmp_path), 2.5)
 
 
 def test_decoder_from_a_real_autoencoder_checkpoint(tmp_path):
     import torch
 
-    from pipeline.autoencoder import DiscAutoencoder, load_model, save_checkpoint
+    from pipeline.shape.model import DiscAutoencoder, load_model, save_checkpoint
 
     torch.manual_seed(0)
     model = DiscAutoencoder(cube_size=8, channels=(2,), bottleneck=2)
     checkpoint = save_checkpoint(str(tmp_path / "ckpt"), model, {"epoch": 0})
-    decode = interpret.decoder_from_model(load_model(checkpoint)[0], batch_size=3)
+    decode = figures.decoder_from_model(load_model(checkpoint)[0], batch_size=3)
     probabilities = decode(np.random.default_rng(0).normal(size=(5, 2)))
     assert probabilities.shape == (5, 8, 8, 8)
     assert ((probabilities > 0) & (probabilities < 1)).all()
@@ -75,10 +76,10 @@ def test_decoder_from_a_real_autoencoder_checkpoint(tmp_path):
 
 def test_level_and_correlation_figures(tmp_path):
     discs, latents, _ = hand_made_cohort(n_patients=8, discs_per_patient=5)
-    assert_png(interpret.latents_by_level(latents, str(tmp_path)))
-    assert_png(interpret.latent_geometry_correlation(latents, discs, str(tmp_path)))
+    assert_png(figures.latents_by_level(latents, str(tmp_path)))
+    assert_png(figures.latent_geometry_correlation(latents, discs, str(tmp_path)))
     with pytest.raises(ValueError, match="no reference-mask rows"):
-        interpret.latents_by_level(latents[latents.mask_source == "predicted"], str(tmp_path))
+        figures.latents_by_level(latents[latents.mask_source == "predicted"], str(tmp_path))
 
 
 def test_weighted_roc_ends_at_one_and_matches_sklearn():
@@ -87,7 +88,7 @@ def test_weighted_roc_ends_at_one_and_matches_sklearn():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 40)
     score = np.round(rng.random(40) + 0.4 * y, 1)
-    fpr, tpr = interpret._weighted_roc(y, score, np.ones((1, 40)))
+    fpr, tpr = figures._weighted_roc(y, score, np.ones((1, 40)))
     expected_fpr, expected_tpr, _ = roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr[0], expected_fpr)
     np.testing.assert_allclose(tpr[0], expected_tpr)
@@ -115,7 +116,7 @@ def hand_made_predictions(n_patients: int = 12, discs: int = 5) -> pd.DataFrame:
 
 
 def test_roc_figures_one_per_target(tmp_path):
-    paths = interpret.roc_curves(hand_made_predictions(), str(tmp_path), n_boot=50)
+    paths = figures.roc_curves(hand_made_predictions(), str(tmp_path), n_boot=50)
     assert sorted(p.rsplit("/", 1)[-1] for p in paths) == ["roc_disc_bulging.png",
                                                           "roc_disc_narrowing.png"]
     for path in paths:
@@ -146,9 +147,9 @@ def test_segmentation_examples_from_volumes_on_disk(tmp_path):
                            {"series_id": "3_t1", "patient_id": "3", "image_uri": "missing",
                             "mask_uri": "missing", "split": "train"}])
     metrics = pd.DataFrame({"series_id": ["1_t1", "2_t1"], "dice": [0.9, 0.8]})
-    path = interpret.segmentation_examples(series, str(tmp_path), metrics=metrics)
+    path = figures.segmentation_examples(series, str(tmp_path), metrics=metrics)
     assert_png(path)
-    assert interpret.segmentation_examples(series.iloc[2:], str(tmp_path)) is None
+    assert figures.segmentation_examples(series.iloc[2:], str(tmp_path)) is None
 
 
 def test_make_figures_draws_what_the_tables_allow(tmp_path):
@@ -158,7 +159,7 @@ def test_make_figures_draws_what_the_tables_allow(tmp_path):
     storage.write_table(discs, tables.path(out, tables.DISCS))
     storage.write_table(hand_made_predictions(), tables.path(out, classify.PREDICTIONS))
     cfg = fast_config(bootstrap=50)
-    paths = interpret.make_figures(out, cfg, decode=ellipsoid_decoder)
+    paths = figures.make_figures(out, cfg, decode=ellipsoid_decoder)
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
     assert names == ["latent_geometry_correlation.png", "latent_traversal.png",
                      "latents_by_level.png", "roc_disc_bulging.png", "roc_disc_narrowing.png"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.io import make_header, read_volume, write_volume
+from pipeline.data.volumes import make_header, read_volume, write_volume
 
 
 def centroid(array, label):

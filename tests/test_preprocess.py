@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import io, preprocess, validate
+from pipeline.data import validate, volumes
+from pipeline.segmentation import preprocess
 
 
 def _label_map(shape=(20, 60, 80)) -> np.ndarray:
@@ -108,16 +109,16 @@ def test_training_crops_flip_only_left_right():
 
 
 def test_a_mismatched_unreadable_or_non_finite_pair_is_refused_naming_the_file(tmp_path):
-    header = io.make_header((8, 10, 12), (3.0, 1.0, 1.0))
+    header = volumes.make_header((8, 10, 12), (3.0, 1.0, 1.0))
     image = np.ones((8, 10, 12), np.float32)
-    io.write_volume(str(tmp_path / "image.mha"), image, header)
-    io.write_volume(str(tmp_path / "mask.mha"), np.zeros((8, 10, 12), np.int16), header)
-    other = io.make_header((8, 10, 11), (3.0, 1.0, 1.0))
-    io.write_volume(str(tmp_path / "short.mha"), np.zeros((8, 10, 11), np.int16), other)
-    coarse = io.make_header((8, 10, 12), (3.0, 2.0, 1.0))
-    io.write_volume(str(tmp_path / "coarse.mha"), np.zeros((8, 10, 12), np.int16), coarse)
+    volumes.write_volume(str(tmp_path / "image.mha"), image, header)
+    volumes.write_volume(str(tmp_path / "mask.mha"), np.zeros((8, 10, 12), np.int16), header)
+    other = volumes.make_header((8, 10, 11), (3.0, 1.0, 1.0))
+    volumes.write_volume(str(tmp_path / "short.mha"), np.zeros((8, 10, 11), np.int16), other)
+    coarse = volumes.make_header((8, 10, 12), (3.0, 2.0, 1.0))
+    volumes.write_volume(str(tmp_path / "coarse.mha"), np.zeros((8, 10, 12), np.int16), coarse)
     image[2, 3, 4] = np.nan
-    io.write_volume(str(tmp_path / "nan.mha"), image, header)
+    volumes.write_volume(str(tmp_path / "nan.mha"), image, header)
     (tmp_path / "broken.mha").write_bytes(b"not an image")
 
     def read_and_check(image_uri: str, mask_uri: str) -> None:
@@ -128,7 +129,7 @@ def test_a_mismatched_unreadable_or_non_finite_pair_is_refused_naming_the_file(t
              ("nan.mha", "mask.mha", "nan.mha", "1 NaN/Inf voxels"),
              ("broken.mha", "mask.mha", "broken.mha", "not a readable image")]
     for image_name, mask_name, culprit, reason in cases:
-        with pytest.raises(preprocess.BadInput, match=reason) as caught:
+        with pytest.raises(validate.BadInput, match=reason) as caught:
             read_and_check(str(tmp_path / image_name), str(tmp_path / mask_name))
         assert caught.value.file == str(tmp_path / culprit)
         assert culprit in str(caught.value)

@@ -17,8 +17,11 @@ import pytest
 import torch
 
 from jobs import run_pipeline
-from pipeline import autoencoder, cohort, config, extract, segmodels, segtrain, storage, tables
-from pipeline.synthetic import synthesize
+from pipeline import config
+from pipeline.data import checkpoints, cohort, storage, tables
+from pipeline.data.synthetic import synthesize
+from pipeline.segmentation import stream
+from pipeline.segmentation import train as segtrain
 from tests import bad_inputs
 from tests.test_end_to_end import TINY
 
@@ -57,7 +60,7 @@ def clean_extraction(cohorts, corrupt_run) -> Path:
     out = cohorts["base"] / "clean_out"
     found = cohort.catalog(str(cohorts["clean"]), sequence="t1", val_fraction=0.2, seed=0)
     assert not found.problems
-    result = extract.run_extraction(found.series, config.load("demo", TINY),
+    result = stream.run_extraction(found.series, config.load("demo", TINY),
                                     _checkpoint(corrupt_run[0]), str(out), progress=None)
     assert not result.errors
     return out
@@ -148,7 +151,7 @@ def test_strict_extraction_names_the_bad_volume(corrupt_run, cohorts, tmp_path):
          "image_uri": str(root / "images" / f"{sid}.mha"),
          "mask_uri": str(root / "masks" / f"{sid}.mha")} for sid in ("1_t1", "107_t1")])
     with pytest.raises(ValueError, match=r"107_t1\.mha: mask has no disc labels"):
-        extract.run_extraction(series, config.load("demo", TINY), _checkpoint(corrupt_run[0]),
+        stream.run_extraction(series, config.load("demo", TINY), _checkpoint(corrupt_run[0]),
                                str(tmp_path), strict=True, progress=None)
 
 
@@ -182,9 +185,8 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("read_state", [segmodels.read_state, autoencoder.read_state],
-                         ids=["segmenter", "autoencoder"])
-def test_a_malicious_model_pt_is_refused(tmp_path, read_state):
+def test_a_malicious_model_pt_is_refused(tmp_path):
+    read_state = checkpoints.read_state
     marker = tmp_path / "code-ran"
     with open(tmp_path / "model.pt", "wb") as f:
         pickle.dump({"weight": _RunsCode(marker)}, f)

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import classify, report, storage, tables
+from pipeline.analysis import classify, report
+from pipeline.data import storage, tables
 from tests.test_classify import fast_config, hand_made_cohort
 
 

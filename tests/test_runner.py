@@ -6,8 +6,9 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline import config, storage, tables
-from pipeline.runner import (
+from pipeline import config
+from pipeline.data import storage, tables
+from pipeline.run.runner import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_PARTIAL,

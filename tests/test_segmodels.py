@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline import segmodels
 from pipeline.config import SegmentationConfig
+from pipeline.data import checkpoints
+from pipeline.segmentation import models as segmodels
 
 
 def test_swinunetr_v2_forward_and_backward_on_a_tiny_input():
@@ -50,7 +51,7 @@ def test_checkpoint_round_trip_rebuilds_the_same_network(tmp_path):
     cfg = SegmentationConfig(model="unet", unet_channels=(4, 8, 16), roi_size=(16, 32, 32))
     model = segmodels.build_segmenter(cfg).eval()
     meta = {"segmentation": dataclasses.asdict(cfg), "epoch": 3}
-    segmodels.write_checkpoint(str(tmp_path), model, meta)
+    checkpoints.write(str(tmp_path), model, meta)
     loaded, loaded_meta = segmodels.load_segmenter(str(tmp_path))
     assert loaded_meta["epoch"] == 3
     assert segmodels.config_from_meta(loaded_meta) == cfg

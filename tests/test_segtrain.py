@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, extract, preprocess, segmodels, segtrain
-from pipeline.cohort import catalog
-from pipeline.synthetic import synthesize
+from pipeline import config
+from pipeline.data import checkpoints
+from pipeline.data.cohort import catalog
+from pipeline.data.synthetic import synthesize
+from pipeline.segmentation import models as segmodels
+from pipeline.segmentation import preprocess, stream
+from pipeline.segmentation import train as segtrain
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +37,11 @@ def _quick_config() -> config.Config:
 
 def _val_dice(checkpoint_path: str, series) -> float:
     """Mean Dice on the model grid of the validation series, through the inference path."""
-    segmenter = extract.Segmenter(checkpoint_path, overlap=0.25, sw_batch_size=2)
+    segmenter = stream.Segmenter(checkpoint_path, overlap=0.25, sw_batch_size=2)
     seg = segmodels.config_from_meta(segmenter.meta)
     scores = []
     for row in series[series["split"] == "val"].to_dict("records"):
-        sample = segmenter.segment(extract.load_series(row, seg))
+        sample = segmenter.segment(stream.load_series(row, seg))
         grid = preprocess.Grid.from_record(sample)
         target = preprocess.preprocess_mask(sample["reference"], grid)
         scores.append(segtrain.dice_iou(sample["probability"] >= 0.5, target)[0])
@@ -50,7 +54,7 @@ def test_training_improves_validation_dice_and_keeps_the_best_checkpoint(
     torch.manual_seed(cfg.seed)  # the workers start from these same weights (seed + rank 0)
     untrained = tmp_path / "untrained"
     untrained.mkdir()
-    segmodels.write_checkpoint(str(untrained), segmodels.build_segmenter(cfg.segmentation),
+    checkpoints.write(str(untrained), segmodels.build_segmenter(cfg.segmentation),
                                {"segmentation": dataclasses.asdict(cfg.segmentation)})
 
     lines = []
@@ -62,7 +66,7 @@ def test_training_improves_validation_dice_and_keeps_the_best_checkpoint(
     best = max(result.history, key=lambda h: h["val_iou"])
     assert result.best_val_iou == pytest.approx(best["val_iou"])
     assert result.best_val_dice == pytest.approx(best["val_dice"])
-    meta = segmodels.read_meta(result.checkpoint_path)
+    meta = checkpoints.read_meta(result.checkpoint_path, "segmenter")
     assert meta["epoch"] == best["epoch"]
     assert segmodels.config_from_meta(meta) == cfg.segmentation
     assert any("train series" in line for line in lines)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import config, storage, tables
-from pipeline.autoencoder import load_model
+from pipeline import config
+from pipeline.data import storage, tables
+from pipeline.shape.model import load_model
 from tests.disc_cubes import write_discs
 from tune.bottleneck_sweep import (
     COLUMNS,

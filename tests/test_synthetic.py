@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import synthetic, tables
-from pipeline.cohort import catalog
-from pipeline.io import read_volume
+from pipeline.data import synthetic, tables
+from pipeline.data.cohort import catalog
+from pipeline.data.volumes import read_volume
 
 GRADINGS_HEADER = ["Patient", "IVD label", "Modic", "UP endplate", "LOW endplate",
                    "Spondylolisthesis", "Disc herniation", "Disc narrowing", "Disc bulging",

@@ -31,14 +31,14 @@ import torch
 from ray import tune
 
 from pipeline import config as config_module
-from pipeline import storage, tables
-from pipeline.aetrain import (
+from pipeline.config import Config
+from pipeline.data import storage, tables
+from pipeline.shape.train import (
     TrainSpec,
     load_training_cubes,
     train_autoencoder,
     train_cubes,
 )
-from pipeline.config import Config
 
 COLUMNS = ["bottleneck", "mean_iou", "iou_ci_low", "iou_ci_high", "epochs", "converged",
            "stopped_early", "wall_s", "chosen", "checkpoint_path", "note"]

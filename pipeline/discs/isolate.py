@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from pipeline import labels
+from pipeline.data import labels, volumes
 
 # Voxels kept around a disc's bounding box in Disc.mask (clipped at the volume border).
 MARGIN_VOXELS = 2
@@ -53,13 +53,6 @@ def _check_volume(array: np.ndarray, what: str) -> None:
     if not isinstance(array, np.ndarray) or array.ndim != 3:
         shape = getattr(array, "shape", type(array).__name__)
         raise ValueError(f"{what} must be a 3D numpy array, got {shape}")
-
-
-def _check_spacing(spacing: Sequence[float]) -> np.ndarray:
-    spacing = np.asarray(spacing, dtype=float)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise ValueError(f"spacing must be three positive mm values, got {tuple(np.ravel(spacing))}")
-    return spacing
 
 
 def _crop(box: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -118,7 +111,7 @@ def predicted_discs(
             raise ValueError(f"binary mask must be boolean or 0/1, got {binary.dtype} values "
                              f"from {binary.min()} to {binary.max()}")
         binary = binary.astype(bool)
-    spacing = _check_spacing(spacing)
+    spacing = volumes.check_spacing(spacing)
     if reference is not None:
         _check_volume(reference, "reference")
         if reference.shape != binary.shape:
@@ -195,7 +188,7 @@ def disc_cube(disc: Disc, spacing: Sequence[float], cube_size: int,
     handles anisotropic input. `fits` is False when any disc voxel reaches outside the cube's
     field of view: that disc is truncated in the cube, and says so.
     """
-    spacing = _check_spacing(spacing)
+    spacing = volumes.check_spacing(spacing)
     if int(cube_size) != cube_size or cube_size < 1 or not cube_spacing_mm > 0:
         raise ValueError(f"cube size {cube_size} and spacing {cube_spacing_mm} mm must be positive")
     points = np.argwhere(disc.mask)

@@ -24,22 +24,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import storage, tables
-from pipeline.autoencoder import (
-    OPTIMIZER_FILE,
+from pipeline.config import Config
+from pipeline.data import checkpoints, storage, tables
+from pipeline.progress import WorkerProgress, send
+from pipeline.resources import worker_layout
+from pipeline.shape.model import (
     DiscAutoencoder,
     as_input,
     disc_iou,
     has_converged,
     iou_summary,
     plateaued,
-    read_meta,
-    read_state,
     save_checkpoint,
 )
-from pipeline.cluster import worker_layout
-from pipeline.config import Config
-from pipeline.progress import WorkerProgress, send
 
 EVAL_BATCH = 32
 
@@ -214,12 +211,12 @@ def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
     history: list[EpochStats] = []
     optimizer_state = None
     if restore_dir is not None:
-        meta = read_meta(restore_dir)
+        meta = checkpoints.read_meta(restore_dir, "autoencoder")
         if meta["architecture"] != model.architecture:
             raise ValueError(f"checkpoint {restore_dir} holds {meta['architecture']}, not "
                              f"{model.architecture}: use a new run name for a new model")
-        model.load_state_dict(read_state(restore_dir))
-        optimizer_state = read_state(restore_dir, OPTIMIZER_FILE)
+        model.load_state_dict(checkpoints.read_state(restore_dir))
+        optimizer_state = checkpoints.read_state(restore_dir, checkpoints.OPTIMIZER_FILE)
         history = [EpochStats(**h) for h in meta["history"]]
     model = prepare(model) if prepare is not None else model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)

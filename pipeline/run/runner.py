@@ -15,9 +15,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline import storage, tables
 from pipeline.config import Config
-from pipeline.manifest import Manifest, fingerprint
+from pipeline.data import storage, tables
+from pipeline.run.manifest import Manifest, fingerprint
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C

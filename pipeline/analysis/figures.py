@@ -23,8 +23,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from pipeline import labels, stats, storage, tables
+from pipeline import stats
 from pipeline.config import Config
+from pipeline.data import labels, storage, tables
 
 Decoder = Callable[[np.ndarray], np.ndarray]  # (n, k) codes -> (n, S, S, S) voxel probabilities
 SWEEP = (("min", 0.0), ("1/3", 1 / 3), ("2/3", 2 / 3), ("max", 1.0))
@@ -34,7 +35,7 @@ DPI = 120
 
 def decoder_from_model(model, batch_size: int = 16) -> Decoder:
     """Wrap an autoencoder (`model.decode(z) -> logits (B, 1, S, S, S)`, e.g. from
-    `pipeline.autoencoder.load_model`) as a numpy decoder returning probabilities."""
+    `pipeline.shape.model.load_model`) as a numpy decoder returning probabilities."""
     import torch
 
     def decode(codes: np.ndarray) -> np.ndarray:
@@ -251,15 +252,15 @@ def make_figures(out: str, cfg: Config, checkpoint: str | None = None,
                  decode: Decoder | None = None) -> list[str]:
     """Every figure whose inputs exist under `<out>/tables/` (and `<out>/predictions/`); the
     traversal needs the autoencoder: a checkpoint folder or a `decode` function."""
-    from pipeline import classify
+    from pipeline.analysis import classify
 
     paths: list[str] = []
-    latents = read_if_present(out, tables.LATENTS)
-    discs = read_if_present(out, tables.DISCS,
+    latents = tables.read_if_present(out, tables.LATENTS)
+    discs = tables.read_if_present(out, tables.DISCS,
                             columns=tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE)
     if latents is not None and len(latents):
         if decode is None and checkpoint is not None:
-            from pipeline.autoencoder import load_model
+            from pipeline.shape.model import load_model
 
             decode = decoder_from_model(load_model(checkpoint)[0])
         if decode is not None:
@@ -268,13 +269,13 @@ def make_figures(out: str, cfg: Config, checkpoint: str | None = None,
         paths.append(latents_by_level(latents, out))
         if discs is not None:
             paths.append(latent_geometry_correlation(latents, discs, out))
-    predictions = read_if_present(out, classify.PREDICTIONS)
+    predictions = tables.read_if_present(out, classify.PREDICTIONS)
     if predictions is not None and len(predictions):
         paths += roc_curves(predictions, out, n_boot=cfg.classify.bootstrap, seed=cfg.seed)
-    series = read_if_present(out, tables.SERIES)
+    series = tables.read_if_present(out, tables.SERIES)
     if series is not None:
         example = segmentation_examples(series, out,
-                                        metrics=read_if_present(out, tables.SEGMENTATION_METRICS))
+                                        metrics=tables.read_if_present(out, tables.SEGMENTATION_METRICS))
         if example:
             paths.append(example)
     return paths
@@ -284,7 +285,7 @@ _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab
 
 
 def _draw_example(ax, row, prediction_path: str, dice: float | None) -> None:
-    from pipeline.io import read_volume
+    from pipeline.data.volumes import read_volume
 
     image = read_volume(row.image_uri)
     reference = read_volume(row.mask_uri)
@@ -361,21 +362,6 @@ def _latent_columns(latents: pd.DataFrame) -> list[str]:
     if not columns:
         raise ValueError("latents: no z0..z{k-1} columns")
     return columns
-
-
-def read_if_present(out: str, name: str, columns: list[str] | None = None) -> pd.DataFrame | None:
-    """A table under `<out>/tables/` (file or folder), None when it was not written; `columns`
-    that the table lacks are ignored."""
-    location = tables.path(out, name)
-    if not storage.exists(location):
-        return None
-    if columns is not None:
-        import pyarrow.parquet as pq
-
-        fs, path = storage.filesystem(location)
-        available = set(pq.ParquetDataset(path, filesystem=fs).schema.names)
-        columns = [c for c in columns if c in available]
-    return storage.read_table(location, columns=columns)
 
 
 def _save(fig: Figure, out: str, name: str) -> str:

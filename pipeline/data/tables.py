@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.data import storage
 
 SERIES = "series.parquet"
 GRADINGS = "gradings.parquet"
@@ -54,6 +55,19 @@ CUBE = "cube"  # uint8 tensor column, shape (cube_size,) * 3, RAS axis order
 
 def path(out: str, name: str) -> str:
     return storage.join(out, "tables", name)
+
+
+def read_if_present(out: str, name: str, columns: list[str] | None = None) -> pd.DataFrame | None:
+    """A table under `<out>/tables/` (file or folder), None when it was not written; `columns`
+    that the table lacks are ignored."""
+    location = path(out, name)
+    if not storage.exists(location):
+        return None
+    if columns is not None:
+        fs, local = storage.filesystem(location)
+        available = set(pq.ParquetDataset(local, filesystem=fs).schema.names)
+        columns = [c for c in columns if c in available]
+    return storage.read_table(location, columns=columns)
 
 
 def require_discs(discs_path: str) -> None:

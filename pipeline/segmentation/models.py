@@ -1,4 +1,4 @@
-"""The disc segmenters, and their checkpoints as Ray Train folders (model.pt + meta.json).
+"""The disc segmenters; their checkpoints are `data.checkpoints` folders.
 
 Two architectures, both MONAI, both one logit channel (disc vs everything else):
 - "swinunetr": SwinUNETR-V2 (the paper's model). Inputs must be divisible by 32 on every side,
@@ -12,19 +12,14 @@ rebuilds the same network and the same preprocessing grid without the caller's c
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 
 import torch
 from monai.networks.nets import SwinUNETR, UNet
 
-from pipeline import storage
 from pipeline.config import SegmentationConfig
+from pipeline.data import checkpoints
 
 MODELS = ("unet", "swinunetr")
-MODEL_FILE = "model.pt"
-META_FILE = "meta.json"
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 def input_divisor(cfg: SegmentationConfig) -> int:
@@ -70,34 +65,9 @@ def config_from_meta(meta: dict) -> SegmentationConfig:
     return SegmentationConfig(**values)
 
 
-def write_checkpoint(folder: str, model: torch.nn.Module, meta: dict,
-                     optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write model.pt (a state_dict), meta.json and optionally optimizer.pt into a local folder.
-    `meta` must carry "segmentation": dataclasses.asdict(cfg)."""
-    module = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    torch.save(module.state_dict(), f"{folder}/{MODEL_FILE}")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), f"{folder}/{OPTIMIZER_FILE}")
-    with open(f"{folder}/{META_FILE}", "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-
-
-def read_meta(checkpoint_path: str) -> dict:
-    return json.loads(storage.read_bytes(storage.join(checkpoint_path, META_FILE)))
-
-
-def read_state(checkpoint_path: str, name: str = MODEL_FILE) -> dict:
-    """A state_dict from a checkpoint folder (local or URI); tensors only, never pickled
-    objects."""
-    data = storage.read_bytes(storage.join(checkpoint_path, name))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
 def load_segmenter(checkpoint_path: str) -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained segmenter (eval mode, CPU) and its meta from a checkpoint folder."""
-    if not storage.exists(storage.join(checkpoint_path, MODEL_FILE)):
-        raise ValueError(f"{checkpoint_path}: not a segmenter checkpoint (no {MODEL_FILE})")
-    meta = read_meta(checkpoint_path)
+    meta = checkpoints.read_meta(checkpoint_path, "segmenter")
     model = build_segmenter(config_from_meta(meta))
-    model.load_state_dict(read_state(checkpoint_path))
+    model.load_state_dict(checkpoints.read_state(checkpoint_path))
     return model.eval(), meta

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from pipeline import classify, labels, stats, storage, tables
+from pipeline import stats
+from pipeline.analysis import classify
 from pipeline.config import Config
-from pipeline.interpret import read_if_present
+from pipeline.data import labels, storage, tables
 
 TITLE = "# Lumbar disc geometry, latent shape codes and pathology: run report"
 SECTIONS = (
@@ -65,16 +66,16 @@ def load_context(out: str, cfg: Config | None = None) -> ReportContext:
     """A context from whatever tables and figures exist under `out`."""
     disc_columns = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + ["disc_status"]
     context = ReportContext(
-        series=read_if_present(out, tables.SERIES),
-        gradings=read_if_present(out, tables.GRADINGS),
-        discs=read_if_present(out, tables.DISCS, columns=disc_columns),
-        segmentation_metrics=read_if_present(out, tables.SEGMENTATION_METRICS),
-        sweep=read_if_present(out, tables.SWEEP),
-        latents=read_if_present(out, tables.LATENTS,
+        series=tables.read_if_present(out, tables.SERIES),
+        gradings=tables.read_if_present(out, tables.GRADINGS),
+        discs=tables.read_if_present(out, tables.DISCS, columns=disc_columns),
+        segmentation_metrics=tables.read_if_present(out, tables.SEGMENTATION_METRICS),
+        sweep=tables.read_if_present(out, tables.SWEEP),
+        latents=tables.read_if_present(out, tables.LATENTS,
                                 columns=tables.DISC_KEYS + [tables.RECONSTRUCTION_IOU]),
-        classification=read_if_present(out, tables.CLASSIFICATION),
-        comparisons=read_if_present(out, classify.COMPARISON),
-        errors=read_if_present(out, tables.ERRORS),
+        classification=tables.read_if_present(out, tables.CLASSIFICATION),
+        comparisons=tables.read_if_present(out, classify.COMPARISON),
+        errors=tables.read_if_present(out, tables.ERRORS),
         figures=list_figures(out),
     )
     if cfg is not None:

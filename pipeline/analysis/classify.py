@@ -31,8 +31,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline import stats, storage, tables
+from pipeline import stats
 from pipeline.config import ClassifyConfig, Config
+from pipeline.data import storage, tables
 
 MASK_SOURCES = ("reference", "predicted")
 FEATURE_SETS = ("latent", "geometric", "geometric+extras", "latent+geometric")

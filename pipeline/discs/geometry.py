@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from pipeline import labels, tables
+from pipeline.data import labels, tables, volumes
 
 # Positions of the three heights along the mid-sagittal AP chord, from posterior (0) to anterior (1).
 HEIGHT_FRACTIONS = {"height_posterior_mm": 0.15, "height_middle_mm": 0.50, "height_anterior_mm": 0.85}
@@ -79,13 +79,6 @@ class DiscFrame:
         return np.arange(self.bounds[0, 2] - pad, self.bounds[1, 2] + pad + step, step)
 
 
-def _check_spacing(spacing: Sequence[float]) -> np.ndarray:
-    spacing = np.asarray(spacing, dtype=float)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise ValueError(f"spacing must be three positive mm values, got {tuple(np.ravel(spacing))}")
-    return spacing
-
-
 def _check_disc_mask(mask: np.ndarray) -> None:
     if not isinstance(mask, np.ndarray) or mask.dtype != bool:
         kind = mask.dtype if isinstance(mask, np.ndarray) else type(mask).__name__
@@ -122,7 +115,7 @@ def _columns(mask, frame, u, v, dw) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def disc_frame(mask: np.ndarray, spacing: Sequence[float]) -> DiscFrame:
     """The disc frame of a boolean mask, with its mid-surface (see the module docstring)."""
-    spacing = _check_spacing(spacing)
+    spacing = volumes.check_spacing(spacing)
     points = np.argwhere(mask) * spacing
     centre = points.mean(axis=0)
     offsets = points - centre
@@ -355,7 +348,7 @@ def measure_bulge(label_map: np.ndarray, spacing: Sequence[float], ivd_label: in
     if not isinstance(label_map, np.ndarray) or label_map.ndim != 3 or not np.issubdtype(
             label_map.dtype, np.integer):
         raise ValueError("label_map must be a 3D integer numpy array of SPIDER labels")
-    spacing = _check_spacing(spacing)
+    spacing = volumes.check_spacing(spacing)
     if not labels.is_disc(ivd_label):
         raise ValueError(f"{ivd_label} is not a disc label")
     box = ndimage.find_objects((label_map == ivd_label).astype(np.int8))

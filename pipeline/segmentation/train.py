@@ -13,7 +13,6 @@ Ray keeps the best by validation IoU plus the latest.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import tempfile
@@ -40,10 +39,13 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from pipeline import preprocess, segmodels, storage, validate
-from pipeline.cluster import worker_layout
 from pipeline.config import Config, SegmentationConfig
+from pipeline.data import checkpoints, storage, validate
 from pipeline.progress import WorkerProgress, send
+from pipeline.resources import worker_layout
+from pipeline.segmentation import models as segmodels
+from pipeline.segmentation import preprocess
+from pipeline.segmentation.metrics import dice_iou
 
 SCORE = "val_iou"  # early stopping and checkpoint selection, as in the paper
 CROP_POOL_VOLUMES = 4  # crops of this many volumes are shuffled together into batches
@@ -67,23 +69,13 @@ def load_training_volume(row: dict, target_spacing_mm, roi_size) -> dict:
     try:
         image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"])
         validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
-    except preprocess.BadInput as err:
+    except validate.BadInput as err:
         return {**base, "error": str(err), "file": err.file,
                 "image": np.zeros((0, 0, 0), np.float32), "label": np.zeros((0, 0, 0), np.uint8)}
     grid = preprocess.plan_grid(image.array.shape, image.spacing, target_spacing_mm, roi_size)
     return {**base, "error": "", "file": "",
             "image": preprocess.preprocess_image(image.array, grid),
             "label": preprocess.preprocess_mask(mask.array, grid)}
-
-
-def dice_iou(predicted: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    """Dice and IoU of two binary masks; both empty counts as perfect agreement."""
-    predicted, target = np.asarray(predicted, dtype=bool), np.asarray(target, dtype=bool)
-    intersection = float(np.count_nonzero(predicted & target))
-    total = float(np.count_nonzero(predicted)) + float(np.count_nonzero(target))
-    if total == 0:
-        return 1.0, 1.0
-    return 2 * intersection / total, intersection / (total - intersection)
 
 
 def _crop_batches(shard, transform, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,9 +129,9 @@ def _resume_state(model, optimizer) -> dict:
         return {"epoch": 0, "best_epoch": 0, "best_val_iou": -1.0, "best_val_dice": -1.0,
                 "history": []}
     with checkpoint.as_directory() as folder:
-        getattr(model, "module", model).load_state_dict(segmodels.read_state(folder))
-        optimizer.load_state_dict(segmodels.read_state(folder, segmodels.OPTIMIZER_FILE))
-        meta = segmodels.read_meta(folder)
+        getattr(model, "module", model).load_state_dict(checkpoints.read_state(folder))
+        optimizer.load_state_dict(checkpoints.read_state(folder, checkpoints.OPTIMIZER_FILE))
+        meta = checkpoints.read_meta(folder, "segmenter")
     return {key: meta[key] for key in ("epoch", "best_epoch", "best_val_iou", "best_val_dice",
                                        "history")}
 
@@ -184,7 +176,7 @@ def train_loop_per_worker(config: dict) -> dict:
             checkpoint = None
             if rank == 0:
                 meta = {"segmentation": config["segmentation"], **state, **metrics}
-                segmodels.write_checkpoint(folder, model, meta, optimizer)
+                checkpoints.write(folder, model, meta, optimizer)
                 checkpoint = Checkpoint.from_directory(folder)
                 send(config.get("progress"),
                      f"segmentation epoch {state['epoch']}/{seg.epochs}: loss "
@@ -258,7 +250,7 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
     state = result.return_value
     best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
     path = _checkpoint_location(best, storage.absolute(storage_path))
-    meta = json.loads(storage.read_bytes(storage.join(path, segmodels.META_FILE)))
+    meta = checkpoints.read_meta(path, "segmenter")
     summary = SegmenterResult(
         checkpoint_path=path, best_val_dice=float(meta["val_dice"]),
         best_val_iou=float(meta["val_iou"]), epochs_run=int(state["epoch"]),

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import storage, tables
-from pipeline.autoencoder import as_input, disc_iou, load_model, model_id
+from pipeline.data import storage, tables
+from pipeline.shape.model import as_input, disc_iou, load_model, model_id
 
 ENCODE_BATCH = 64
 

@@ -7,12 +7,12 @@ torch start-up.
 
 from __future__ import annotations
 
-from pipeline import storage, tables
-from pipeline.runner import Context, Stage, StageError, StageOutcome
+from pipeline.data import storage, tables
+from pipeline.run.runner import Context, Stage, StageError, StageOutcome
 
 
 def _synthesize(ctx: Context) -> StageOutcome:
-    from pipeline.synthetic import synthesize
+    from pipeline.data.synthetic import synthesize
 
     s = ctx.cfg.synthetic
     truth = synthesize(ctx.data, patients=s.patients, seed=s.seed, label_noise=s.label_noise,
@@ -21,7 +21,7 @@ def _synthesize(ctx: Context) -> StageOutcome:
 
 
 def _catalog(ctx: Context) -> StageOutcome:
-    from pipeline.cohort import catalog
+    from pipeline.data.cohort import catalog
 
     cat = catalog(ctx.data, sequence=ctx.cfg.sequence,
                   val_fraction=ctx.cfg.segmentation.val_fraction, seed=ctx.cfg.seed)
@@ -41,7 +41,7 @@ def _catalog(ctx: Context) -> StageOutcome:
 
 
 def _segtrain(ctx: Context) -> StageOutcome:
-    from pipeline.segtrain import train_segmenter
+    from pipeline.segmentation.train import train_segmenter
 
     series = storage.read_table(ctx.table(tables.SERIES))
     result = train_segmenter(series, ctx.cfg, storage_path=ctx.work("train"), name="segmenter",
@@ -55,7 +55,7 @@ def _segtrain(ctx: Context) -> StageOutcome:
 
 
 def _extract(ctx: Context) -> StageOutcome:
-    from pipeline.extract import run_extraction
+    from pipeline.segmentation.stream import run_extraction
 
     series = storage.read_table(ctx.table(tables.SERIES))
     result = run_extraction(series, ctx.cfg, ctx.results["segtrain"]["checkpoint"], ctx.out,
@@ -78,7 +78,7 @@ def _sweep(ctx: Context) -> StageOutcome:
 
 
 def _encode(ctx: Context) -> StageOutcome:
-    from pipeline.encode import encode_discs
+    from pipeline.shape.encode import encode_discs
 
     path = encode_discs(ctx.table(tables.DISCS), ctx.results["sweep"]["checkpoint"], ctx.out,
                         progress=ctx.progress)
@@ -86,7 +86,7 @@ def _encode(ctx: Context) -> StageOutcome:
 
 
 def _classify(ctx: Context) -> StageOutcome:
-    from pipeline.classify import run_classification
+    from pipeline.analysis.classify import run_classification
 
     discs = storage.read_table(ctx.table(tables.DISCS),
                                columns=tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE
@@ -98,14 +98,14 @@ def _classify(ctx: Context) -> StageOutcome:
 
 
 def _interpret(ctx: Context) -> StageOutcome:
-    from pipeline.interpret import make_figures
+    from pipeline.analysis.figures import make_figures
 
     figures = make_figures(ctx.out, ctx.cfg, ctx.results["sweep"]["checkpoint"])
     return StageOutcome(results={"figures": figures}, counts={"figures": len(figures)})
 
 
 def _report(ctx: Context) -> StageOutcome:
-    from pipeline.report import write_report
+    from pipeline.analysis.report import write_report
 
     path = write_report(ctx.out, ctx.cfg)
     return StageOutcome(results={"report": path}, counts={})

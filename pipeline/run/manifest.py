@@ -13,7 +13,7 @@ import time
 
 import pyarrow.fs as pafs
 
-from pipeline import storage
+from pipeline.data import storage
 
 
 def fingerprint(location: str) -> str:

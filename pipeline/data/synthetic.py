@@ -36,8 +36,8 @@ import pandas as pd
 import pyarrow.fs as pafs
 from scipy import ndimage
 
-from pipeline import labels, storage, tables
-from pipeline.io import make_header, write_volume
+from pipeline.data import labels, storage, tables
+from pipeline.data.volumes import make_header, write_volume
 
 SEQUENCES = ("t1", "t2")
 LEVELS = 6  # discs 201 (L5/S1) .. 206 (T12/L1); vertebrae 1 (L5) .. 6 (T12)

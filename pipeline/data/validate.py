@@ -4,20 +4,27 @@
 wrong for disc geometry: a mask on another grid or elsewhere in space than its image, NaN/Inf or
 constant intensities, a mask with values SPIDER's label map does not define or without a disc
 label. Both the segmentation training loader and the extraction stage call it, so a bad volume
-is neither trained on nor measured; each problem is a `preprocess.BadInput` naming the file.
+is neither trained on nor measured; each problem is a `BadInput` naming the file.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline import io, labels
-from pipeline.preprocess import BadInput
+from pipeline.data import labels, volumes
 
 MAX_LISTED = 5  # unknown label values named in a message
 
 
-def check_series(image: io.Volume, mask: io.Volume, image_uri: str, mask_uri: str) -> None:
+class BadInput(ValueError):
+    """A series the pipeline cannot use; `file` names the offending file."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(reason)
+        self.file = str(file)
+
+
+def check_series(image: volumes.Volume, mask: volumes.Volume, image_uri: str, mask_uri: str) -> None:
     """Raise BadInput (naming the file and the problem) unless the pair is fit to segment and
     measure: same grid, finite and non-constant intensities, a SPIDER label map with discs."""
     if image.array.shape != mask.array.shape:

@@ -9,6 +9,7 @@ Oblique directions are snapped to the nearest axes (no resampling), as TorchIO's
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -16,7 +17,7 @@ import nibabel.orientations as nio
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline import storage
+from pipeline.data import storage
 
 SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -61,6 +62,14 @@ def _suffix(path: str) -> str:
         if name.endswith(suffix):
             return suffix
     raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+
+
+def check_spacing(spacing: Sequence[float]) -> np.ndarray:
+    """Voxel spacing as three positive, finite mm values (RAS order), or a ValueError."""
+    spacing = np.asarray(spacing, dtype=float)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must be three positive mm values, got {tuple(np.ravel(spacing))}")
+    return spacing
 
 
 def make_header(

@@ -36,9 +36,13 @@ import ray
 import torch
 from monai.inferers import sliding_window_inference
 
-from pipeline import discs, geometry, io, preprocess, segmodels, stats, storage, tables, validate
+from pipeline import stats
 from pipeline.config import Config, SegmentationConfig
-from pipeline.segtrain import dice_iou
+from pipeline.data import checkpoints, storage, tables, validate, volumes
+from pipeline.discs import geometry, isolate
+from pipeline.segmentation import models as segmodels
+from pipeline.segmentation import preprocess
+from pipeline.segmentation.metrics import dice_iou
 
 if TYPE_CHECKING:
     from ray.data._internal.stats import DatasetStatsSummary
@@ -72,7 +76,7 @@ def read_series(row: dict) -> dict:
     try:
         image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"])
         validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
-    except preprocess.BadInput as err:
+    except validate.BadInput as err:
         return {**base, "error": str(err), "file": err.file,
                 "image": np.zeros((0, 0, 0), np.float32), "spacing": np.ones(3, np.float64),
                 "reference": np.zeros((0, 0, 0), np.int16), "affine": np.eye(4),
@@ -170,7 +174,7 @@ def _disc_rows(found: list, source: str, sample: dict, label_map: np.ndarray | N
         except ValueError as err:
             skipped.append(f"{source} disc {disc.ivd_label} ({disc.level or disc.status}): {err}")
             continue
-        cube, fits = discs.disc_cube(disc, spacing, cfg.discs.cube_size, cfg.discs.cube_spacing_mm)
+        cube, fits = isolate.disc_cube(disc, spacing, cfg.discs.cube_size, cfg.discs.cube_spacing_mm)
         rows.append({"patient_id": sample["patient_id"], "series_id": sample["series_id"],
                      "ivd_label": int(disc.ivd_label), "level": disc.level,
                      "mask_source": source, "split": sample["split"], **measured, **bulge,
@@ -214,14 +218,14 @@ def extract_series(sample: dict, cfg: Config, out: str) -> dict:
     probability = np.asarray(sample["probability"])
     predicted = preprocess.to_native((probability >= THRESHOLD).astype(np.uint8), grid)
     reference = np.asarray(sample["reference"])
-    header = io.Header(affine=np.asarray(sample["affine"]),
+    header = volumes.Header(affine=np.asarray(sample["affine"]),
                        stored_shape=tuple(int(s) for s in sample["stored_shape"]))
-    io.write_volume(prediction_path(out, record["series_id"]), predicted, header)
+    volumes.write_volume(prediction_path(out, record["series_id"]), predicted, header)
     record["dice"], record["iou"] = dice_iou(predicted, preprocess.disc_target(reference))
 
     skipped: list[str] = []
-    reference_found = discs.reference_discs(reference)
-    predicted_found, report = discs.predicted_discs(
+    reference_found = isolate.reference_discs(reference)
+    predicted_found, report = isolate.predicted_discs(
         predicted.astype(bool), spacing, reference, min_volume_mm3=cfg.discs.min_component_mm3)
     ref_rows, ref_cubes = _disc_rows(reference_found, "reference", record, reference, spacing,
                                      cfg, skipped)
@@ -298,7 +302,7 @@ def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out:
     missing = {*_PASSED, "image_uri", "mask_uri"} - set(series.columns)
     if missing:
         raise ValueError(f"series table lacks columns {sorted(missing)}")
-    meta = segmodels.read_meta(checkpoint_path)
+    meta = checkpoints.read_meta(checkpoint_path, "segmenter")
     seg = segmodels.config_from_meta(meta)
     data_context = ray.data.DataContext.get_current()
     if progress is not None:

@@ -7,7 +7,7 @@ can be mapped back exactly: crop the padding, then resample nearest-neighbour to
 shape. Images are resampled linearly, masks nearest-neighbour only (linear interpolation of masks
 grew discs by ~47% in the published code).
 
-Inputs come from `pipeline.io.read_volume`, already canonical RAS, so no orientation transform
+Inputs come from `pipeline.data.volumes.read_volume`, already canonical RAS, so no orientation transform
 appears here. Pure functions first; `training_transform` wraps MONAI's random transforms for the
 training crops.
 """
@@ -28,30 +28,23 @@ from monai.transforms import (
     Resize,
 )
 
-from pipeline import io, labels
+from pipeline.data import labels, volumes
+from pipeline.data.validate import BadInput
 
 PAD_MULTIPLE = 32
 PERCENTILES = (0.5, 99.5)  # robust to the bright fat and dark air that dominate an MR volume
 
 
-class BadInput(ValueError):
-    """A series the segmenter cannot use; `file` names the offending file."""
-
-    def __init__(self, file: str, reason: str):
-        super().__init__(reason)
-        self.file = str(file)
-
-
-def read_pair(image_uri: str, mask_uri: str) -> tuple[io.Volume, io.Volume]:
+def read_pair(image_uri: str, mask_uri: str) -> tuple[volumes.Volume, volumes.Volume]:
     """Read an image and its reference mask into RAS; an unreadable file is a BadInput naming
     it. Whether the pair is fit to use is `validate.check_series`'s question."""
-    volumes = []
+    pair = []
     for uri in (image_uri, mask_uri):
         try:
-            volumes.append(io.read_volume(uri))
+            pair.append(volumes.read_volume(uri))
         except ValueError as err:
             raise BadInput(uri, str(err)) from err
-    image, mask = volumes
+    image, mask = pair
     return image, mask
 
 

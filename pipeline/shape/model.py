@@ -13,22 +13,16 @@ before that sigmoid because BCEWithLogitsLoss is the numerically stable form of 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline import storage
+from pipeline.data import checkpoints, storage
 
 PAPER_CHANNELS = (32, 64, 128, 256, 512)
-MODEL_FILE = "model.pt"
-META_FILE = "meta.json"
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 class DiscAutoencoder(nn.Module):
@@ -151,43 +145,22 @@ def plateaued(epoch_mean_ious: Sequence[float], patience: int, min_delta: float)
 
 def save_checkpoint(directory: str, model: nn.Module, meta: dict,
                     optimizer: torch.optim.Optimizer | None = None) -> str:
-    """Write model.pt (state_dict), meta.json (architecture + `meta`) and optimizer.pt into a
-    local folder, the layout every autoencoder checkpoint has."""
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    os.makedirs(directory, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump({"architecture": model.architecture, **meta}, f, indent=1)
-    return directory
-
-
-def read_meta(checkpoint_dir: str) -> dict:
-    location = storage.join(str(checkpoint_dir), META_FILE)
-    if not storage.exists(location):
-        raise ValueError(f"{checkpoint_dir} is not an autoencoder checkpoint: no {META_FILE}")
-    return json.loads(storage.read_bytes(location))
-
-
-def read_state(checkpoint_dir: str, name: str = MODEL_FILE) -> dict:
-    """A state_dict from a checkpoint folder (local or URI), tensors only: never unpickles
-    arbitrary objects."""
-    data = storage.read_bytes(storage.join(str(checkpoint_dir), name))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    """Write an autoencoder checkpoint: its meta.json carries the architecture beside `meta`."""
+    architecture = getattr(model, "module", model).architecture  # unwrap DistributedDataParallel
+    return checkpoints.write(directory, model, {"architecture": architecture, **meta}, optimizer)
 
 
 def load_model(checkpoint_dir: str) -> tuple[DiscAutoencoder, dict]:
     """Rebuild the autoencoder of a checkpoint folder in eval mode; returns (model, meta)."""
-    meta = read_meta(checkpoint_dir)
+    meta = checkpoints.read_meta(checkpoint_dir, "autoencoder")
     if "architecture" not in meta:
-        raise ValueError(f"{checkpoint_dir}/{META_FILE} has no 'architecture' entry")
+        raise ValueError(f"{checkpoint_dir}/{checkpoints.META_FILE} has no 'architecture' entry")
     model = DiscAutoencoder(**meta["architecture"])
-    model.load_state_dict(read_state(checkpoint_dir))
+    model.load_state_dict(checkpoints.read_state(checkpoint_dir))
     return model.eval(), meta
 
 
 def model_id(checkpoint_dir: str) -> str:
     """A short content hash of model.pt: which weights produced a latent table."""
-    data = storage.read_bytes(storage.join(str(checkpoint_dir), MODEL_FILE))
+    data = storage.read_bytes(storage.join(str(checkpoint_dir), checkpoints.MODEL_FILE))
     return hashlib.sha256(data).hexdigest()[:16]

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from pipeline import labels, storage
-from pipeline.io import SUFFIXES
+from pipeline.data import labels, storage
+from pipeline.data.volumes import SUFFIXES
 
 SEQUENCES = ("t1", "t2", "t2_SPACE")
 IMAGES, MASKS = "images", "masks"

@@ -1,0 +1,1 @@
+"""Pathology classifiers with patient-grouped statistics, interpretation figures and the report."""
