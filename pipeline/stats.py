@@ -18,6 +18,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 Metric = Callable[..., float]  # metric(y_true, y_score, sample_weight=None) -> float
+_CHUNK = 64  # bootstrap resamples evaluated at once: memory O(_CHUNK x n)
 
 
 @dataclass(frozen=True)
@@ -123,15 +124,32 @@ def roc_auc(y_true, y_score, sample_weight=None) -> float:
     """ROC-AUC as the (weighted) probability that a positive outscores a negative, ties
     counting one half; NaN when a class is absent."""
     y, s, w = _prepare(y_true, y_score, sample_weight)
-    pos_w, neg_w = w * (y == 1), w * (y == 0)
-    total_pos, total_neg = pos_w.sum(), neg_w.sum()
-    if total_pos == 0 or total_neg == 0:
-        return math.nan
-    _, inverse = np.unique(s, return_inverse=True)
-    pos_at = np.bincount(inverse, weights=pos_w)
-    neg_at = np.bincount(inverse, weights=neg_w)
-    neg_below = np.cumsum(neg_at) - neg_at
-    return float((pos_at * (neg_below + 0.5 * neg_at)).sum() / (total_pos * total_neg))
+    return float(_roc_auc_resampled(y, s, w[None, :])[0])
+
+
+def roc_curve(y_true, y_score, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr), each (B, m+1), for every row of `weights` (B, n): cuts between the m distinct
+    scores, highest first, starting at (0, 0); rows lacking a class come out NaN."""
+    y, s, _ = _prepare(y_true, y_score, None)
+    fprs, tprs = [], []
+    for pos_at, neg_at in _weight_by_distinct_score(y, -s, weights):
+        tp, fp = np.cumsum(pos_at, axis=1), np.cumsum(neg_at, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tprs.append(tp / tp[:, -1:])
+            fprs.append(fp / fp[:, -1:])
+    zeros = np.zeros((len(weights), 1))
+    return np.hstack([zeros, np.vstack(fprs)]), np.hstack([zeros, np.vstack(tprs)])
+
+
+def roc_band(y_true, y_score, weights: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Each resample's ROC curve (a row of `weights`) as TPR at the FPR values of `grid`:
+    (resamples with both classes, len(grid)). Memory stays O(_CHUNK x n), never resamples x n."""
+    rows = []
+    for first in range(0, len(weights), _CHUNK):
+        fprs, tprs = roc_curve(y_true, y_score, weights[first:first + _CHUNK])
+        rows += [np.interp(grid, f, t) for f, t in zip(fprs, tprs, strict=True)
+                 if np.isfinite(t).all() and np.isfinite(f).all()]
+    return np.array(rows).reshape(len(rows), len(grid))
 
 
 def f1_positive(y_true, y_pred, sample_weight=None) -> float:
@@ -152,16 +170,28 @@ def balanced_accuracy(y_true, y_pred, sample_weight=None) -> float:
 
 def _roc_auc_resampled(y_true, y_score, weights: np.ndarray) -> np.ndarray:
     y, s, _ = _prepare(y_true, y_score, None)
-    _, inverse = np.unique(s, return_inverse=True)
-    at_score = np.zeros((len(y), inverse.max() + 1))
-    at_score[np.arange(len(y)), inverse] = 1.0
-    pos_at = (weights * (y == 1)) @ at_score
-    neg_at = (weights * (y == 0)) @ at_score
-    total_pos, total_neg = pos_at.sum(axis=1), neg_at.sum(axis=1)
-    neg_below = np.cumsum(neg_at, axis=1) - neg_at
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (pos_at * (neg_below + 0.5 * neg_at)).sum(axis=1) / (total_pos * total_neg)
-    return np.where((total_pos > 0) & (total_neg > 0), auc, np.nan)
+    aucs = []
+    for pos_at, neg_at in _weight_by_distinct_score(y, s, weights):
+        total_pos, total_neg = pos_at.sum(axis=1), neg_at.sum(axis=1)
+        neg_below = np.cumsum(neg_at, axis=1) - neg_at
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = (pos_at * (neg_below + 0.5 * neg_at)).sum(axis=1) / (total_pos * total_neg)
+        aucs.append(np.where((total_pos > 0) & (total_neg > 0), auc, np.nan))
+    return np.concatenate(aucs)
+
+
+def _weight_by_distinct_score(y: np.ndarray, score: np.ndarray, weights: np.ndarray):
+    """For blocks of _CHUNK resamples (rows of `weights`), the positive and the negative weight
+    at each distinct score, ascending: two (rows, m) arrays. One sort (O(n log n)) and
+    O(rows x n) sums; no n x n or n x m matrix, whatever the number of discs."""
+    order = np.argsort(score, kind="stable")
+    ranked = score[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    positive = y[order] == 1
+    for first in range(0, len(weights), _CHUNK):
+        w = np.asarray(weights[first:first + _CHUNK], dtype=float)[:, order]
+        yield (np.add.reduceat(w * positive, starts, axis=1),
+               np.add.reduceat(w * ~positive, starts, axis=1))
 
 
 def _confusion_resampled(y_true, y_pred, weights: np.ndarray):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import stats
 from pipeline.analysis import classify, figures
 from pipeline.data import storage, tables
 from pipeline.data.volumes import make_header, write_volume
@@ -82,13 +83,13 @@ def test_level_and_correlation_figures(tmp_path):
         figures.latents_by_level(latents[latents.mask_source == "predicted"], str(tmp_path))
 
 
-def test_weighted_roc_ends_at_one_and_matches_sklearn():
+def test_roc_curve_ends_at_one_and_matches_sklearn():
     from sklearn.metrics import roc_curve
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 40)
     score = np.round(rng.random(40) + 0.4 * y, 1)
-    fpr, tpr = figures._weighted_roc(y, score, np.ones((1, 40)))
+    fpr, tpr = stats.roc_curve(y, score, np.ones((1, 40)))
     expected_fpr, expected_tpr, _ = roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr[0], expected_fpr)
     np.testing.assert_allclose(tpr[0], expected_tpr)

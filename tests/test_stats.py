@@ -128,3 +128,68 @@ def test_one_patient_gives_no_interval():
     assert estimate.text() == "0.85 (no CI: too few patients or classes)"
     auc = stats.bootstrap_ci([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], ["a"] * 4, stats.roc_auc)
     assert auc.value == 1.0 and math.isnan(auc.ci_high)
+
+
+def _old_dense_roc(y, score, weights):
+    """The former n x m implementation of the weighted ROC, kept as the reference."""
+    _, inverse = np.unique(-score, return_inverse=True)
+    at = np.zeros((len(y), inverse.max() + 1))
+    at[np.arange(len(y)), inverse] = 1.0
+    tp = np.cumsum((weights * (y == 1)) @ at, axis=1)
+    fp = np.cumsum((weights * (y == 0)) @ at, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr, fpr = tp / tp[:, -1:], fp / fp[:, -1:]
+    zeros = np.zeros((len(weights), 1))
+    return np.hstack([zeros, fpr]), np.hstack([zeros, tpr])
+
+
+def test_auc_equals_sklearn_on_tied_scores_with_and_without_weights():
+    rng = np.random.default_rng(5)
+    for n in (7, 60, 500):
+        y = rng.integers(0, 2, n)
+        score = np.round(rng.random(n) + 0.3 * y, 1)  # rounding makes many ties
+        w = rng.integers(0, 4, n).astype(float)
+        assert stats.roc_auc(y, score) == pytest.approx(roc_auc_score(y, score))
+        assert stats.roc_auc(y, score, sample_weight=w) == pytest.approx(
+            roc_auc_score(y, score, sample_weight=w))
+
+
+def test_resampled_auc_and_roc_bands_equal_the_row_by_row_and_dense_answers():
+    rng = np.random.default_rng(6)
+    n = 150  # more rows than one chunk of resamples, to cross chunk borders below
+    y = rng.integers(0, 2, n)
+    score = np.round(rng.random(n) + 0.5 * y, 2)
+    weights = stats.group_bootstrap_weights(np.repeat(np.arange(30), 5), 150, seed=1)
+    fast = stats._resampled(stats.roc_auc, y, score, weights)
+    slow = [roc_auc_score(y, score, sample_weight=row) if ((row > 0) & (y == 1)).any()
+            and ((row > 0) & (y == 0)).any() else math.nan for row in weights]
+    np.testing.assert_allclose(fast, slow, equal_nan=True)
+
+    fpr, tpr = stats.roc_curve(y, score, weights)
+    old_fpr, old_tpr = _old_dense_roc(y, score, weights.astype(float))
+    np.testing.assert_allclose(fpr, old_fpr, equal_nan=True)
+    np.testing.assert_allclose(tpr, old_tpr, equal_nan=True)
+    grid = np.linspace(0, 1, 101)
+    band = stats.roc_band(y, score, weights, grid)
+    old_band = np.array([np.interp(grid, f, t) for f, t in zip(old_fpr, old_tpr, strict=True)
+                         if np.isfinite(t).all()])
+    np.testing.assert_allclose(band, old_band)
+
+
+def test_bootstrap_auc_of_many_discs_needs_no_n_by_n_matrix():
+    import tracemalloc
+
+    rng = np.random.default_rng(7)
+    n = 20_000  # a dense n x n float matrix would be 3.2 GB
+    y = rng.integers(0, 2, n)
+    score = rng.random(n) + 0.2 * y
+    patients = np.arange(n) // 14  # a spine of 14 discs
+    tracemalloc.start()
+    weights = stats.group_bootstrap_weights(patients, 100, seed=0)
+    estimate = stats.bootstrap_ci(y, score, patients, stats.roc_auc, weights=weights)
+    band = stats.roc_band(y, score, weights, np.linspace(0, 1, 101))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert estimate.ci_low < estimate.value < estimate.ci_high
+    assert band.shape == (100, 101)
+    assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"

@@ -189,10 +189,8 @@ def roc_curves(predictions: pd.DataFrame, out: str, n_boot: int = 1000, seed: in
                 y, score = rows.y_true.to_numpy().astype(int), rows.probability.to_numpy()
                 weights = stats.group_bootstrap_weights(rows.patient_id.to_numpy(), n_boot, seed)
                 auc = stats.bootstrap_ci(y, score, rows.patient_id, stats.roc_auc, weights=weights)
-                fpr, tpr = _weighted_roc(y, score, np.ones((1, len(y))))
-                bands = np.array([np.interp(grid, f, t) for f, t in
-                                  zip(*_weighted_roc(y, score, weights), strict=True)
-                                  if np.isfinite(t).all()])
+                fpr, tpr = stats.roc_curve(y, score, np.ones((1, len(y))))
+                bands = stats.roc_band(y, score, weights, grid)
                 ax.plot(fpr[0], tpr[0], color=colour, linewidth=1.8,
                         label=f"{feature_set}: AUC {auc.value:.2f} "
                               f"({auc.ci_low:.2f}–{auc.ci_high:.2f})")
@@ -331,21 +329,6 @@ def _crop(mask2d: np.ndarray, spacing: tuple[float, float], margin_mm: float):
         pad = int(np.ceil(margin_mm / step))
         window.append(slice(max(where[0] - pad, 0), min(where[-1] + pad + 1, mask2d.shape[axis])))
     return tuple(window)
-
-
-def _weighted_roc(y: np.ndarray, score: np.ndarray, weights: np.ndarray):
-    """(fpr, tpr), each (B, m+1), for every row of weights: cuts between distinct scores,
-    highest first, starting at (0, 0); rows lacking a class come out NaN."""
-    _, inverse = np.unique(-score, return_inverse=True)  # code 0 = highest score
-    at = np.zeros((len(y), inverse.max() + 1))
-    at[np.arange(len(y)), inverse] = 1.0
-    tp = np.cumsum((weights * (y == 1)) @ at, axis=1)
-    fp = np.cumsum((weights * (y == 0)) @ at, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = tp / tp[:, -1:]
-        fpr = fp / fp[:, -1:]
-    zeros = np.zeros((len(weights), 1))
-    return np.hstack([zeros, fpr]), np.hstack([zeros, tpr])
 
 
 def _reference_rows(frame: pd.DataFrame) -> pd.DataFrame:
