@@ -179,7 +179,7 @@ def test_run_classification_writes_tables_with_cis_and_baselines(tmp_path):
     assert not predicted.features.str.contains("bulge").any()
     assert "bulge_fraction" in extras.features
 
-    assert len(result.comparisons) == 2 * 2 * 2
+    assert len(result.comparisons) == 2 * 2 * 2 * len(classify.COMPARISONS)
     assert set(result.predictions.model) == set(classify.MODELS)
     assert "| geometric+extras | LightGBM |" in result.markdown["reference"]
     assert "Majority class" in result.markdown["predicted"]
@@ -231,3 +231,26 @@ def test_a_mask_source_with_nothing_to_evaluate_is_stated_without_an_empty_grid(
     predicted = result.markdown["predicted"]
     assert "Nothing could be evaluated" in predicted and "| Features |" not in predicted
     assert "- Disc bulging: Skipped (all analyses): no graded predicted-mask discs." in predicted
+
+
+def test_the_level_baseline_reaches_the_level_ordering_and_noise_latents_add_nothing(tmp_path):
+    """Labels that depend only on the spinal level: `level` alone should score like the true
+    per-level prevalence, and noise latents on top of it should show no gain (CI includes 0)."""
+    discs, latents, gradings = hand_made_cohort(n_patients=40)
+    rng = np.random.default_rng(11)
+    prevalence = {201: 0.7, 202: 0.75, 203: 0.6, 204: 0.4, 205: 0.15}
+    truth = gradings.ivd_label.map(prevalence).to_numpy()
+    gradings["disc_bulging"] = (rng.random(len(gradings)) < truth).astype(int)
+    for column in [c for c in latents.columns if c[:1] == "z" and c[1:].isdigit()]:
+        latents[column] = rng.normal(size=len(latents))
+    result = classify.run_classification(discs, latents, gradings,
+                                         fast_config(targets=("disc_bulging",)), str(tmp_path))
+    ok = result.table[(result.table.status == "ok") & (result.table.mask_source == "reference")]
+    level = ok[(ok.feature_set == "level") & (ok.model == "lightgbm")].iloc[0]
+    ordering_auc = classify.stats.roc_auc(gradings.disc_bulging, truth)
+    assert level.features.count(classify.LEVEL_PREFIX) == 5
+    assert abs(level.auc - ordering_auc) < 0.05, (level.auc, ordering_auc)
+    comparison = result.comparisons.set_index(["mask_source", "model", "feature_set_a"]).loc[
+        ("reference", "lightgbm", "level+latent")]
+    assert comparison.feature_set_b == "level"
+    assert comparison.ci_low <= 0 <= comparison.ci_high

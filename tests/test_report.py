@@ -89,8 +89,13 @@ def test_the_report_contains_every_section_with_numbers(full_run):
     assert "latent + geometric vs geometric: ΔAUC" in text
     assert "mask shape (20, 200, 300)" in text
     lightgbm = result.comparisons[result.comparisons.model == "lightgbm"]
-    includes_zero = ((lightgbm.ci_low <= 0) & (lightgbm.ci_high >= 0)).sum()
+    latent = lightgbm[lightgbm.feature_set_a.str.contains("latent")]
+    includes_zero = ((latent.ci_low <= 0) & (latent.ci_high >= 0)).sum()
     assert text.count("so no evidence that the latent code adds information") == includes_zero
+    assert text.count("primary comparison, fixed in advance: latent + geometric vs "
+                      "geometric") == (lightgbm.feature_set_b == "geometric").sum()
+    assert "level + latent vs level: ΔAUC" in text and "level + geometric vs level" in text
+    assert "the spinal level alone: AUC" in text and "best LightGBM features" not in text
 
 
 def test_missing_stages_are_stated_not_omitted(tmp_path):

@@ -36,11 +36,18 @@ from pipeline.config import ClassifyConfig, Config
 from pipeline.data import storage, tables
 
 MASK_SOURCES = ("reference", "predicted")
-FEATURE_SETS = ("latent", "geometric", "geometric+extras", "latent+geometric")
+# `level` knows only which disc it is (one indicator per spinal level): pathology prevalence rises
+# steeply toward L4/L5 and the latents mostly encode level, so every other set is read against it.
+FEATURE_SETS = ("level", "latent", "geometric", "geometric+extras", "latent+geometric",
+                "level+latent", "level+geometric")
+LEVEL_PREFIX = "at_level_"  # indicator columns, e.g. at_level_L4/L5
 MODELS = ("lightgbm", "logistic", "majority")
 NO_FEATURES = "none"  # the majority-class baseline's feature set
-# (a, b): report AUC(a) - AUC(b) on the same patient resamples: does the latent code add anything?
-COMPARISONS = (("latent+geometric", "geometric"),)
+# (a, b): AUC(a) - AUC(b) on the same patient resamples. The first is the primary comparison,
+# fixed in advance (the paper's: does the latent code add to geometry?); the others ask whether
+# latents or geometry add anything beyond the spinal level.
+PRIMARY_COMPARISON = ("latent+geometric", "geometric")
+COMPARISONS = (PRIMARY_COMPARISON, ("level+latent", "level"), ("level+geometric", "level"))
 
 PREDICTIONS = "classification_predictions.parquet"
 COMPARISON = "classification_comparison.parquet"
@@ -268,6 +275,9 @@ def analysis_frame(discs: pd.DataFrame, latents: pd.DataFrame | None, gradings: 
         frame = discs.copy()
     frame = frame.merge(gradings[["patient_id", "ivd_label", *targets]],
                         on=["patient_id", "ivd_label"], how="left")
+    for label in sorted(frame.ivd_label.unique()):
+        level = frame.loc[frame.ivd_label == label, "level"].iloc[0]
+        frame[f"{LEVEL_PREFIX}{level}"] = (frame.ivd_label == label).astype(float)
     return frame.reset_index(drop=True), latent_cols, {k: "; ".join(v) for k, v in notes.items()}
 
 
@@ -276,12 +286,16 @@ def feature_sets(frame: pd.DataFrame, latent_cols: list[str]) -> dict[str, list[
     has_latents = bool(latent_cols) and frame[latent_cols[0]].notna().any()
     no_latents = "no latent codes for these discs (autoencoder/encode stage not run)"
     bulge = [c for c in tables.BULGE if c in frame.columns and frame[c].notna().any()]
+    level = [c for c in frame.columns if c.startswith(LEVEL_PREFIX)]
+    geometric = list(tables.PUBLISHED_GEOMETRY)
     return {
+        "level": level,
         "latent": latent_cols if has_latents else no_latents,
-        "geometric": list(tables.PUBLISHED_GEOMETRY),
+        "geometric": geometric,
         "geometric+extras": list(tables.GEOMETRY) + bulge,
-        "latent+geometric": latent_cols + list(tables.PUBLISHED_GEOMETRY) if has_latents
-        else no_latents,
+        "latent+geometric": latent_cols + geometric if has_latents else no_latents,
+        "level+latent": level + latent_cols if has_latents else no_latents,
+        "level+geometric": level + geometric,
     }
 
 

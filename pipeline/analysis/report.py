@@ -381,45 +381,65 @@ def _findings(c: ReportContext) -> str:
         bullets.append("Classification: not run.")
     else:
         bullets += _classification_findings(table)
-    comparisons = c.comparisons
-    if comparisons is not None:
-        for row in comparisons[comparisons.model == "lightgbm"].itertuples():
-            diff = stats.Estimate(row.difference, row.ci_low, row.ci_high, 0)
-            if not math.isfinite(row.ci_low):
-                verdict = "no CI could be computed"
-            elif row.ci_low > 0:
-                verdict = "the CI excludes 0: the latent code adds information"
-            elif row.ci_high < 0:
-                verdict = "the CI is below 0: adding the latent code made the model worse"
-            else:
-                verdict = ("the CI includes 0, so no evidence that the latent code adds "
-                           "information")
-            bullets.append(f"{classify.target_name(row.target)}, {row.mask_source} masks, "
-                           f"LightGBM, latent + geometric vs geometric: ΔAUC {diff.text()}; "
-                           f"{verdict}.")
+    if c.comparisons is not None:
+        bullets += _comparison_findings(c.comparisons)
     return "\n".join(f"- {b}" for b in bullets)
 
 
 def _classification_findings(table: pd.DataFrame) -> list[str]:
+    """Per target and mask source: the primary feature set fixed in advance (never the best of
+    several) against chance, beside the level-only baseline."""
+    primary = classify.PRIMARY_COMPARISON[0]
     bullets = []
     for (target, source), rows in table.groupby(["target", "mask_source"], sort=False):
         name = f"{classify.target_name(target)}, {source} masks"
-        ok = rows[(rows.status == "ok") & (rows.model == "lightgbm")]
+        ok = rows[(rows.status == "ok") & (rows.model == "lightgbm")].set_index("feature_set")
         if ok.empty:
             reason = rows.reason.iloc[0] or "no model could be fitted"
             bullets.append(f"{name}: not classified ({reason}).")
             continue
-        best = ok.loc[ok.auc.idxmax()]
+        if primary not in ok.index:
+            skipped = rows[(rows.feature_set == primary) & (rows.model == "lightgbm")]
+            reason = skipped.reason.iloc[0] if len(skipped) else "not evaluated"
+            bullets.append(f"{name}: the primary feature set `{primary}` was not evaluated "
+                           f"({reason}).")
+            continue
+        best = ok.loc[primary]
         auc = stats.Estimate(best.auc, best.auc_ci_low, best.auc_ci_high, 0)
         above = ("the CI excludes 0.5: better than chance" if best.auc_ci_low > 0.5
                  else "the CI includes 0.5: no evidence of better than chance")
-        logistic = rows[(rows.model == "logistic") & (rows.feature_set == best.feature_set)
-                        & (rows.status == "ok")]
-        versus = (f"; logistic regression on the same features: AUC {logistic.auc.iloc[0]:.2f}"
-                  if len(logistic) else "")
-        bullets.append(f"{name}: best LightGBM features `{best.feature_set}`, AUC {auc.text()} "
-                       f"({above}), F1 {best.f1:.2f} at prevalence {best.prevalence:.2f}"
-                       f"{versus}.")
+        baseline = ""
+        if "level" in ok.index:
+            level = ok.loc["level"]
+            level_auc = stats.Estimate(level.auc, level.auc_ci_low, level.auc_ci_high, 0)
+            baseline = f"; the spinal level alone: AUC {level_auc.text()}"
+        bullets.append(f"{name}: LightGBM on `{primary}` (the primary feature set, fixed in "
+                       f"advance) AUC {auc.text()} ({above}), F1 {best.f1:.2f} at prevalence "
+                       f"{best.prevalence:.2f}{baseline}.")
+    return bullets
+
+
+def _comparison_findings(comparisons: pd.DataFrame) -> list[str]:
+    """Each paired LightGBM comparison worded from its CI: the primary one first, then whether
+    latents or geometry add anything beyond the spinal level."""
+    bullets = []
+    for row in comparisons[comparisons.model == "lightgbm"].itertuples():
+        diff = stats.Estimate(row.difference, row.ci_low, row.ci_high, 0)
+        added = "the latent code" if "latent" in row.feature_set_a else "geometry"
+        beyond = " beyond the spinal level" if row.feature_set_b == "level" else ""
+        if not math.isfinite(row.ci_low):
+            verdict = "no CI could be computed"
+        elif row.ci_low > 0:
+            verdict = f"the CI excludes 0: {added} adds information{beyond}"
+        elif row.ci_high < 0:
+            verdict = f"the CI is below 0: adding {added} made the model worse"
+        else:
+            verdict = f"the CI includes 0, so no evidence that {added} adds information{beyond}"
+        primary = ((row.feature_set_a, row.feature_set_b) == classify.PRIMARY_COMPARISON)
+        label = "primary comparison, fixed in advance: " if primary else ""
+        pair = f"{row.feature_set_a} vs {row.feature_set_b}".replace("+", " + ")
+        bullets.append(f"{classify.target_name(row.target)}, {row.mask_source} masks, LightGBM, "
+                       f"{label}{pair}: ΔAUC {diff.text()}; {verdict}.")
     return bullets
 
 
