@@ -17,8 +17,11 @@ loss and bulging together, so bulging goes with lower and deeper discs as in Hun
 
 Files match SPIDER's layout: `images/` and `masks/<patient>_<seq>.mha` (int16, identity ITK
 direction), `overview.csv`, `radiological_gradings.csv` (the true findings with each binary one
-flipped with probability `label_noise`, Pfirrmann moved one grade with that probability and Modic
-kept, as real gradings are noisy). Vertebrae 1-6 are L5..T12, discs 201-206 L5/S1..T12/L1, 100 the canal;
+misread with probability `label_noise`, prevalence-preserving for bulging, narrowing and
+herniation, whose per-level rates follow real SPIDER; Pfirrmann moved one grade with that
+probability and Modic kept, as real gradings are noisy). The labels are defined from disc
+geometry, so a geometric classifier is expected to do well here: a synthetic run proves the
+machinery, not the clinical claim. Vertebrae 1-6 are L5..T12, discs 201-206 L5/S1..T12/L1, 100 the canal;
 the sacrum is drawn in the image but not labelled, as in SPIDER. Images are T1/T2 contrasts of the
 same tissues with partial volume across the thick sagittal slices, a smooth bias field and Rician
 noise. The same seed writes byte-identical files.
@@ -51,7 +54,19 @@ _WIDTH_MM = np.array([50.0, 48.5, 46.5, 44.5, 42.5, 40.5])
 _WEDGE_DEG = np.array([14.0, 11.0, 8.0, 6.0, 4.0, 2.0])
 _WEDGE_SD_DEG = np.array([3.0, 2.5, 2.0, 2.0, 1.5, 1.5])
 _WEDGE_MIN_DEG = np.array([6.0, 2.0, 0.0, -1.0, -2.0, -3.0])
-_DEGENERATION = np.array([0.5, 0.6, 0.1, -0.3, -0.6, -0.8])
+# Graded prevalence by level (L5/S1 .. T12/L1) in real SPIDER: pathology concentrates at the
+# lower levels, so level alone predicts much of it. The per-level degeneration (which drives
+# height loss, hence narrowing) and the bulging and herniation intercepts below were tuned so the
+# anatomy-defined truth comes out at these rates (tests/test_synthetic.py: within 0.08 per level
+# on 200 patients).
+SPIDER_PREVALENCE = {
+    "bulging": np.array([0.69, 0.75, 0.69, 0.60, 0.38, 0.17]),
+    "narrowing": np.array([0.58, 0.59, 0.45, 0.36, 0.23, 0.13]),
+    "herniation": np.array([0.13, 0.13, 0.03, 0.02, 0.01, 0.0]),
+}
+_DEGENERATION = np.array([1.08, 1.11, 0.62, 0.59, 0.08, -0.30])
+_BULGING_LOGIT = np.array([0.30, 0.35, 0.37, -0.13, -0.49, -1.87])
+_HERNIATION_LOGIT = np.array([-2.81, -3.38, -4.03, -4.73, -4.89, -4.53])
 # Per vertebral body, L5 first: centre height and wedge (positive: anterior taller).
 _BODY_HEIGHT_MM = np.array([27.5, 27.5, 27.0, 26.5, 25.5, 24.0])
 _BODY_WEDGE_DEG = np.array([3.0, 1.0, 0.0, -1.0, -2.5, -3.0])
@@ -288,8 +303,8 @@ def _pathology_draws(rng, age: int, patient_effect: float):
     depth_z = rng.normal(0, 1, LEVELS)
     loss = np.clip(0.22 * (degeneration + 0.1) + rng.normal(0, 0.04, LEVELS), 0.0, 0.5)
     lower = (np.arange(LEVELS) < 2).astype(float)
-    bulging = rng.random(LEVELS) < _logistic(-0.75 + 1.1 * degeneration + 0.8 * depth_z + 0.3 * lower)
-    herniation = rng.random(LEVELS) < _logistic(-2.4 + 0.8 * degeneration + 0.5 * lower)
+    bulging = rng.random(LEVELS) < _logistic(_BULGING_LOGIT + 1.1 * degeneration + 0.8 * depth_z)
+    herniation = rng.random(LEVELS) < _logistic(_HERNIATION_LOGIT + 0.8 * degeneration)
     pfirrmann = 1 + np.searchsorted(_PFIRRMANN_EDGES, degeneration)
     modic_present = rng.random(LEVELS) < _logistic(-2.6 + 0.8 * degeneration)
     modic = np.where(modic_present, rng.choice([1, 2, 3], LEVELS, p=[0.3, 0.6, 0.1]), 0)
@@ -469,11 +484,18 @@ def _grid(rng, discs, bodies, canal) -> tuple[Grid, float, float]:
     return grid, float(rng.uniform(4, 12)), float(rng.uniform(8, 25))
 
 
-def _grades(rng, true: dict, label_noise: float) -> dict:
+def _grades(rng, true: dict, label_noise: float, level: int) -> dict:
+    """A rater's grades: each binary finding misread with probability `label_noise`. For the
+    findings with a SPIDER rate, a negative is misread as positive in proportion to that rate
+    (prevalence-preserving noise), so rare findings stay rare in the gradings."""
     graded = dict(true)
     for name in ("bulging", "narrowing", "herniation", "up_endplate", "low_endplate",
                  "spondylolisthesis"):
-        if rng.random() < label_noise:
+        flip = label_noise
+        if name in SPIDER_PREVALENCE and not true[name]:
+            rate = SPIDER_PREVALENCE[name][level]
+            flip = label_noise * rate / (1 - rate)
+        if rng.random() < flip:
             graded[name] = 1 - true[name]
     step = rng.choice([-1, 1])
     if rng.random() < label_noise:
@@ -515,7 +537,7 @@ def draw_patients(patients: int, seed: int = 0, label_noise: float = 0.1,
             norm = float(drawn["height_norm_mm"][k])
             true["narrowing"] = int(geometry["height_mean_mm"] < (1 - NARROWING_LOSS) * norm)
             pathology.append(true)
-            graded.append(_grades(grading_rng, true, label_noise))
+            graded.append(_grades(grading_rng, true, label_noise, k))
         drawn.update(pathology=tuple(pathology), graded=tuple(graded), geometry=tuple(geometries))
         cohort.append(SyntheticPatient(**drawn))
     return cohort
