@@ -80,9 +80,11 @@ def test_clean_cohort_gives_the_expected_tables(tmp_path):
             ["10", 201, "L5/S1", 2, 1, 0, 0, 1, 1, 1, 5],
         ],
         columns=GRADINGS_COLUMNS,
-    )
+    ).astype({c: "Int64" for c in GRADINGS_COLUMNS[3:]})
     pd.testing.assert_frame_equal(found.gradings, expected_gradings)
-    assert all(found.gradings[c].dtype == np.int64 for c in GRADINGS_COLUMNS if c not in ("patient_id", "level"))
+    assert found.gradings.ivd_label.dtype == np.int64
+    # grades are nullable integers: a blank grade stays blank, never 0 or a float
+    assert all(found.gradings[c].dtype == "Int64" for c in GRADINGS_COLUMNS[3:])
 
 
 @pytest.mark.parametrize(
@@ -170,9 +172,9 @@ def test_each_planted_problem_is_reported_once_and_good_rows_are_kept(tmp_path):
         ("overview.csv", None, "row 8: new_file_name '/etc/8_t1' is a path"),
         ("overview.csv", "4_t1", "age 'forty'"),
         ("radiological_gradings.csv", None, "row 4 (patient '1', IVD label '0'): IVD label 0 names no disc"),
-        ("radiological_gradings.csv", None, "row 5 (patient '1', IVD label '2'): missing Modic"),
-        ("radiological_gradings.csv", None, "row 6 (patient '1', IVD label '3'): Disc bulging 'yes' is not a whole number"),
-        ("radiological_gradings.csv", None, "row 9 (patient '2', IVD label '2'): Pfirrman grade 9 is outside 1-5"),
+        ("radiological_gradings.csv", None, "row 5 (patient '1', IVD label '2'): missing Modic; left blank, the row's other grades kept"),
+        ("radiological_gradings.csv", None, "row 6 (patient '1', IVD label '3'): Disc bulging 'yes' is not a whole number; left blank"),
+        ("radiological_gradings.csv", None, "row 9 (patient '2', IVD label '2'): Pfirrman grade 9 is outside 1-5; left blank"),
         ("radiological_gradings.csv", None, "rows 2 and 3 grade the same disc (patient 1, IVD label 1), identically; kept row 2"),
         ("radiological_gradings.csv", None, "rows 7 and 8 grade the same disc (patient 2, IVD label 1), differently (Modic 0 vs 1); all of them dropped"),
         ("images/3_t1.mha", "3_t1", "image has no mask"),
@@ -184,7 +186,13 @@ def test_each_planted_problem_is_reported_once_and_good_rows_are_kept(tmp_path):
     assert series.index.tolist() == ["1_t1", "2_t1", "5_t1"]
     assert series.loc["2_t1", ["subset", "split", "age"]].tolist() == ["validation", "val", 50.0]
     assert series.loc["5_t1", ["subset", "sex", "age"]].isna().all()  # null (pandas shows NaN)
-    assert found.gradings[["patient_id", "ivd_label"]].values.tolist() == [["1", 201], ["2", 203]]
+    gradings = found.gradings.set_index(["patient_id", "ivd_label"])
+    assert gradings.index.tolist() == [("1", 201), ("1", 202), ("1", 203), ("2", 202), ("2", 203)]
+    # a blank or invalid grade empties only that grade
+    assert pd.isna(gradings.loc[("1", 202), "modic"]) and gradings.loc[("1", 202), "pfirrman_grade"] == 3
+    assert pd.isna(gradings.loc[("1", 203), "disc_bulging"])
+    assert gradings.loc[("1", 203), "disc_narrowing"] == 0
+    assert pd.isna(gradings.loc[("2", 202), "pfirrman_grade"])
 
 
 def test_gradings_missing_columns_drop_everything_with_one_problem(tmp_path):

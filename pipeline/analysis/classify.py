@@ -229,7 +229,7 @@ def analysis_frame(discs: pd.DataFrame, latents: pd.DataFrame | None, gradings: 
         if bad:
             raise ValueError(f"gradings: target {target!r} must be 0/1 to classify, found values "
                              f"{bad[:5]}; choose a binary grading in classify.targets")
-        gradings[target] = values
+        gradings[target] = values.astype(float)
     duplicated = gradings.duplicated(["patient_id", "ivd_label"])
     if duplicated.any():
         first = gradings[duplicated].iloc[0]

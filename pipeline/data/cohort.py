@@ -195,11 +195,15 @@ class _Found:
             return _gradings_frame([])
         by_key: dict[tuple[str, int], list[tuple[int, dict]]] = {}
         for line, record in enumerate(table.to_dict("records"), start=2):
-            row, reason = _grading(record)
+            row, reason, blanks = _grading(record)
+            where = (f"{GRADINGS} row {line} (patient {record['Patient'].strip()!r}, "
+                     f"IVD label {record['IVD label'].strip()!r})")
             if reason:
-                self.problem(location, f"{GRADINGS} row {line} (patient {record['Patient'].strip()!r}, "
-                             f"IVD label {record['IVD label'].strip()!r}): {reason}; row dropped")
+                self.problem(location, f"{where}: {reason}; row dropped")
                 continue
+            if blanks:
+                self.problem(location, f"{where}: {blanks}; left blank, the row's other grades "
+                             "kept")
             by_key.setdefault((row["patient_id"], row["ivd_label"]), []).append((line, row))
         kept = []
         for (patient, ivd_label), entries in by_key.items():
@@ -328,41 +332,41 @@ def _whole_number(text: str) -> int | None:
     return int(number) if number.is_integer() else None
 
 
-def _grading(record: dict) -> tuple[dict | None, str | None]:
-    """One gradings row in our names, or why it cannot be used."""
+def _grading(record: dict) -> tuple[dict | None, str | None, str | None]:
+    """One gradings row in our names, or why it cannot be used; a missing or invalid grade
+    leaves only that grade blank (the third value says which and why)."""
     patient = record["Patient"].strip()
     reasons = ["missing Patient"] if patient.lower() in _MISSING else []
-    values = {}
-    for column in ["IVD label", *GRADES]:
-        text = record[column].strip()
-        if text.lower() in _MISSING:
-            reasons.append(f"missing {column}")
-        elif (number := _whole_number(text)) is None:
-            reasons.append(f"{column} {text!r} is not a whole number")
-        else:
-            values[column] = number
+    text = record["IVD label"].strip()
+    ivd_label = None if text.lower() in _MISSING else _whole_number(text)
+    if ivd_label is None:
+        reasons.append("missing IVD label" if text.lower() in _MISSING
+                       else f"IVD label {text!r} is not a whole number")
     if reasons:
-        return None, "; ".join(reasons)
-    ivd_label = values["IVD label"]
+        return None, "; ".join(reasons), None
     if ivd_label == 0:
-        return None, "IVD label 0 names no disc"
+        return None, "IVD label 0 names no disc", None
     if not labels.is_disc(200 + ivd_label):
-        return None, f"IVD label {ivd_label} is outside 1-{labels.DISC_MAX - 200}"
-    outside = [
-        f"{column} {values[column]} is outside {allowed.start}-{allowed.stop - 1}"
-        for column, (_, allowed) in GRADES.items()
-        if values[column] not in allowed
-    ]
-    if outside:
-        return None, "; ".join(outside)
+        return None, f"IVD label {ivd_label} is outside 1-{labels.DISC_MAX - 200}", None
     row = {"patient_id": patient, "ivd_label": 200 + ivd_label, "level": labels.level_name(200 + ivd_label)}
-    row.update({name: values[column] for column, (name, _) in GRADES.items()})
-    return row, None
+    blanks = []
+    for column, (name, allowed) in GRADES.items():
+        text = record[column].strip()
+        value = None if text.lower() in _MISSING else _whole_number(text)
+        if text.lower() in _MISSING:
+            blanks.append(f"missing {column}")
+        elif value is None:
+            blanks.append(f"{column} {text!r} is not a whole number")
+        elif value not in allowed:
+            blanks.append(f"{column} {value} is outside {allowed.start}-{allowed.stop - 1}")
+            value = None
+        row[name] = value
+    return row, None, "; ".join(blanks) or None
 
 
 def _gradings_frame(rows: list[dict]) -> pd.DataFrame:
     rows = sorted(rows, key=lambda r: (_patient_key(r["patient_id"]), r["ivd_label"]))
-    integers = {name: "int64" for name, _ in GRADES.values()}
+    integers = {name: "Int64" for name, _ in GRADES.values()}  # nullable: a blank grade stays blank
     return pd.DataFrame(rows, columns=GRADINGS_COLUMNS).astype({"ivd_label": "int64", **integers})
 
 
