@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -13,6 +17,7 @@ from pipeline.shape.train import (
     fit_epochs,
     load_training_cubes,
     train_autoencoder,
+    training_dataset,
 )
 from tests.disc_cubes import disc_cube, one_torch_thread, write_discs  # noqa: F401
 
@@ -78,6 +83,20 @@ def test_training_cubes_are_reference_masks_of_training_patients(tmp_path):
         load_training_cubes(discs, cfg)
     with pytest.raises(ValueError, match="does not exist"):
         load_training_cubes(str(tmp_path / "missing"), cfg)
+
+
+def test_discs_larger_than_the_cube_never_train_the_autoencoder(tmp_path, ray_session):
+    discs = write_discs(tmp_path / "discs.parquet", n_series=4, size=16, discs_per_series=3)
+    path = os.path.join(discs, "1_t1.parquet")
+    table = pq.read_table(path)
+    clipped = (table.column("mask_source").to_numpy(zero_copy_only=False) == "reference")
+    clipped &= np.arange(table.num_rows) == 0  # one training reference disc did not fit
+    table = table.set_column(table.schema.get_field_index("cube_fits"), "cube_fits",
+                             pa.array(~clipped))
+    pq.write_table(table, path)
+    cfg = _tiny_cfg()
+    assert load_training_cubes(discs, cfg).shape[0] == 9 - 1
+    assert training_dataset(discs, cfg).count() == 9 - 1
 
 
 @pytest.mark.slow

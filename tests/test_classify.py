@@ -254,3 +254,13 @@ def test_the_level_baseline_reaches_the_level_ordering_and_noise_latents_add_not
         ("reference", "lightgbm", "level+latent")]
     assert comparison.feature_set_b == "level"
     assert comparison.ci_low <= 0 <= comparison.ci_high
+
+
+def test_discs_larger_than_the_cube_are_excluded_and_counted():
+    discs, latents, gradings = hand_made_cohort(n_patients=8, discs_per_patient=4)
+    clipped = discs.index[discs.mask_source == "reference"][:2]
+    discs.loc[clipped, "cube_fits"] = False
+    frame, _, notes = classify.analysis_frame(discs, latents, gradings, ("disc_bulging",))
+    assert (frame.mask_source == "reference").sum() == 32 - 2
+    assert "2 discs larger than the shape cube (cube_fits false) excluded" in notes["reference"]
+    assert "cube_fits" not in notes["predicted"]

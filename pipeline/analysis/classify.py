@@ -242,6 +242,14 @@ def analysis_frame(discs: pd.DataFrame, latents: pd.DataFrame | None, gradings: 
         for source, count in discs[bad_status].groupby("mask_source").size().items():
             notes.setdefault(source, []).append(f"{count} merged/split/unmatched discs excluded")
         discs = discs[~bad_status]
+    if "cube_fits" in discs.columns:
+        # a clipped cube gives a latent code of a cut-off shape; leaving such a disc out of every
+        # feature set keeps all of them compared on the same discs
+        clipped = discs["cube_fits"].fillna(True) == False  # noqa: E712  (a nullable column)
+        for source, count in discs[clipped].groupby("mask_source").size().items():
+            notes.setdefault(source, []).append(
+                f"{count} discs larger than the shape cube (cube_fits false) excluded")
+        discs = discs[~clipped]
     duplicated = discs.duplicated(_JOIN_KEYS, keep=False)
     for source, count in discs[duplicated].groupby("mask_source").size().items():
         notes.setdefault(source, []).append(f"{count} discs sharing a level in one series excluded")

@@ -240,8 +240,11 @@ def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
                       on_epoch=checkpoint, gather=gather)
 
 
-def _training_filter(cfg: Config):
-    return ("mask_source", "reference"), ("split", list(cfg.autoencoder.train_splits))
+def _training_filter(cfg: Config) -> list[tuple[str, str, object]]:
+    """Reference-mask discs of the training splits whose cube held the whole disc (a clipped
+    cube would teach the autoencoder a cut-off shape), as pyarrow filters."""
+    return [("mask_source", "=", "reference"), ("split", "in", list(cfg.autoencoder.train_splits)),
+            ("cube_fits", "=", True)]
 
 
 def load_training_cubes(discs_path: str, cfg: Config) -> np.ndarray:
@@ -251,12 +254,12 @@ def load_training_cubes(discs_path: str, cfg: Config) -> np.ndarray:
     import ray.data  # noqa: F401  registers the tensor type of the cube column
 
     tables.require_discs(discs_path)
-    (source_col, source), (split_col, splits) = _training_filter(cfg)
     fs, path = storage.filesystem(discs_path)
     table = pq.read_table(path, filesystem=fs, columns=[tables.CUBE],
-                          filters=[(source_col, "=", source), (split_col, "in", splits)])
+                          filters=_training_filter(cfg))
     if table.num_rows == 0:
-        raise ValueError(f"{discs_path} has no {source} cubes in splits {tuple(splits)}")
+        raise ValueError(f"{discs_path} has no reference cubes that hold their whole disc in "
+                         f"splits {tuple(cfg.autoencoder.train_splits)}")
     return tables.stack_cubes(table.column(tables.CUBE).combine_chunks())
 
 
@@ -266,10 +269,11 @@ def training_dataset(discs_path: str, cfg: Config):
     from ray.data.expressions import col
 
     tables.require_discs(discs_path)
-    (source_col, source), (split_col, splits) = _training_filter(cfg)
-    return (ray.data.read_parquet(discs_path)
-            .filter(expr=(col(source_col) == source) & col(split_col).is_in(splits))
-            .select_columns([tables.CUBE]))
+    expr = None
+    for column, op, value in _training_filter(cfg):
+        term = col(column).is_in(value) if op == "in" else col(column) == value
+        expr = term if expr is None else expr & term
+    return ray.data.read_parquet(discs_path).filter(expr=expr).select_columns([tables.CUBE])
 
 
 @dataclass
