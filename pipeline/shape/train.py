@@ -1,8 +1,9 @@
 """Training the disc autoencoder: one epoch loop, run plainly or on Ray Train.
 
-`fit_epochs` is the whole training procedure (BCE on logits, Adam, and after every epoch an
-eval-mode pass over ALL training discs whose mean IoU decides convergence). The Ray Train loop,
-the sweep's laptop path and the benchmark all call it, so they train the same way.
+`fit_epochs` is the whole training procedure (BCE, or BCE + soft Dice, on logits; Adam at a
+constant or one-cycle learning rate; and every `eval_every` epochs an eval-mode pass over ALL
+training discs whose mean IoU decides convergence). The Ray Train loop, the sweep's laptop path
+and the benchmark all call it, so they train the same way.
 
 `train_autoencoder` runs it on Ray Train: reference-mask cubes of training patients are read with
 Ray Data; each worker streams its share once through `get_dataset_shard` and keeps it in memory
@@ -39,12 +40,14 @@ from pipeline.shape.model import (
 )
 
 EVAL_BATCH = 32
+LOSSES = ("bce", "bce+dice")
+SCHEDULES = ("constant", "onecycle")
 
 
 @dataclass
 class EpochStats:
     epoch: int  # epochs trained so far (1 after the first)
-    loss: float  # mean training BCE over the epoch
+    loss: float  # mean training loss over the epochs since the previous entry
     mean_iou: float  # eval-mode mean over ALL training discs after this epoch
     iou_ci_low: float
     iou_ci_high: float
@@ -69,6 +72,34 @@ def _gather_local(value):
     return [value]
 
 
+def one_cycle_lr(step: int, total_steps: int, max_lr: float, warmup: float = 0.3,
+                 start_div: float = 25.0, final_div: float = 1e4) -> float:
+    """The one-cycle learning rate at optimizer step `step` (0-based) of `total_steps`: cosine
+    up from max_lr/start_div to max_lr over the first `warmup` of the run, then cosine down to
+    max_lr/final_div (torch's OneCycleLR, as a function of the step so a resumed run continues
+    on the same curve without scheduler state)."""
+    peak = max(1, round(warmup * total_steps))
+    if step < peak:
+        start, end, t = max_lr / start_div, max_lr, step / peak
+    else:
+        start, end = max_lr, max_lr / final_div
+        t = min(1.0, (step - peak) / max(1, total_steps - peak))
+    return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
+
+
+def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """BCE on logits, plus (for "bce+dice") a soft Dice term per disc: BCE alone is dominated by
+    the background voxels of a cube and stalls short of IoU 0.995 at small bottlenecks."""
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target)
+    if kind == "bce":
+        return bce
+    if kind != "bce+dice":
+        raise ValueError(f"unknown autoencoder loss {kind!r}; choose from {', '.join(LOSSES)}")
+    p, t = torch.sigmoid(logits).flatten(1), target.flatten(1)
+    dice = (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    return bce + (1 - dice).mean()
+
+
 def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
                optimizer: torch.optim.Optimizer, *, batch_size: int, max_epochs: int,
                iou_target: float, history: Sequence[EpochStats] = (), seed: int = 0,
@@ -76,13 +107,21 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
                stop_rule: Callable[[list[float]], bool] | None = None,
                on_epoch: Callable[[Fit], None] | None = None,
                on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-               gather: Callable[[object], list] = _gather_local) -> Fit:
-    """Train until the whole-epoch mean IoU reaches `iou_target`, `stop_rule` fires on the list
-    of epoch mean IoUs, or `max_epochs` epochs are done (counting those in `history`, so a
+               gather: Callable[[object], list] = _gather_local, loss: str = "bce",
+               lr_at: Callable[[int, int], float] | None = None, eval_every: int = 1) -> Fit:
+    """Train until the whole-set mean IoU reaches `iou_target`, `stop_rule` fires on the list
+    of measured mean IoUs, or `max_epochs` epochs are done (counting those in `history`, so a
     resumed run continues where it stopped).
 
     cubes: (N, S, S, S) binary cubes this process trains on.
-    on_epoch(fit): called after every epoch with the run so far (report, checkpoint).
+    loss: "bce" or "bce+dice" (`reconstruction_loss`).
+    lr_at(step, total_steps) -> learning rate of each optimizer step over the max_epochs run
+        (a function of the step, so a resumed run continues on the same schedule); None keeps
+        the optimizer's own.
+    eval_every: epochs between the eval-mode passes over every training disc (the last epoch is
+        always measured); convergence is only ever judged on such a pass. One history entry per
+        pass.
+    on_epoch(fit): called after every measured epoch with the run so far (report, checkpoint).
     on_batch(x, logits): called after every optimizer step with the batch and its train-mode
         logits (detached): what the published code judged convergence on (the benchmark
         compares that criterion with the whole-epoch one).
@@ -90,9 +129,9 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
         parallel workers (all_gather_object under Ray Train); every process then takes the same
         decisions, and all run the same number of steps per epoch.
     """
-    if batch_size < 1 or max_epochs < 1:
-        raise ValueError(f"batch_size and max_epochs must be at least 1; got {batch_size}, "
-                         f"{max_epochs}")
+    if batch_size < 1 or max_epochs < 1 or eval_every < 1:
+        raise ValueError(f"batch_size, max_epochs and eval_every must be at least 1; got "
+                         f"{batch_size}, {max_epochs}, {eval_every}")
     data = torch.as_tensor(np.asarray(cubes) if not torch.is_tensor(cubes) else cubes)
     data = (data > 0).to(torch.uint8).to(device)
     n_local = int(data.shape[0])
@@ -101,35 +140,43 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
         raise ValueError("no training discs for this worker")
     steps = math.ceil(n_max / batch_size)
     net = getattr(model, "module", model)  # eval on the unwrapped model: no DDP collectives
-    loss_fn = nn.BCEWithLogitsLoss()
     fit = Fit(list(history))
+
+    def epochs_done() -> int:
+        return fit.history[-1].epoch if fit.history else 0
 
     def judge() -> None:
         ious = [s.mean_iou for s in fit.history]
         fit.converged = bool(fit.history) and fit.history[-1].converged
         fit.stopped_early = (not fit.converged and stop_rule is not None and bool(ious)
                              and stop_rule(ious))
-        fit.done = fit.converged or fit.stopped_early or len(ious) >= max_epochs
+        fit.done = fit.converged or fit.stopped_early or epochs_done() >= max_epochs
 
     judge()
     while not fit.done:
         start = time.perf_counter()
         model.train()
-        # seeded per epoch, so a resumed run shuffles as an uninterrupted one would
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + len(fit.history))
-        order = torch.randperm(n_local, generator=generator)
-        order = order.repeat(math.ceil(steps * batch_size / n_local))[: steps * batch_size]
+        first = epochs_done()
+        block = min(eval_every - first % eval_every, max_epochs - first)
         loss_sum = 0.0
-        for step in range(steps):
-            x = as_input(data[order[step * batch_size:(step + 1) * batch_size]])
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = loss_fn(logits, x)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach())
-            if on_batch is not None:
-                on_batch(x, logits.detach())
+        for epoch in range(first, first + block):
+            # seeded per epoch, so a resumed run shuffles as an uninterrupted one would
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(n_local, generator=generator)
+            order = order.repeat(math.ceil(steps * batch_size / n_local))[: steps * batch_size]
+            for step in range(steps):
+                if lr_at is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(epoch * steps + step, max_epochs * steps)
+                x = as_input(data[order[step * batch_size:(step + 1) * batch_size]])
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x)
+                batch_loss = reconstruction_loss(logits, x, loss)
+                batch_loss.backward()
+                optimizer.step()
+                loss_sum += float(batch_loss.detach())
+                if on_batch is not None:
+                    on_batch(x, logits.detach())
         # Data-parallel workers' BatchNorm running statistics drift apart on their own last
         # batches: every worker evaluates with rank 0's, the model that gets checkpointed.
         reference = gather({k: b.detach().cpu() for k, b in net.named_buffers()})[0]
@@ -139,7 +186,7 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
         ious = np.concatenate(gather(evaluate_ious(net, data)))  # every training disc
         mean, low, high = iou_summary(ious)
         fit.history.append(EpochStats(
-            len(fit.history) + 1, float(np.mean(gather(loss_sum / steps))), mean, low, high,
+            first + block, float(np.mean(gather(loss_sum / (steps * block)))), mean, low, high,
             int(ious.size), time.perf_counter() - start, has_converged(ious, iou_target)))
         judge()
         if on_epoch is not None:
@@ -171,6 +218,9 @@ class TrainSpec:
     checkpoint_every: int
     seed: int = 0
     plateau: tuple[int, float] | None = None  # early stop: (patience epochs, min IoU gain)
+    loss: str = "bce"
+    schedule: str = "constant"
+    eval_every: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config, bottleneck: int, max_epochs: int | None = None,
@@ -178,13 +228,23 @@ class TrainSpec:
         ae = cfg.autoencoder
         return cls(tuple(ae.channels), int(bottleneck), ae.lr, ae.batch_size,
                    int(max_epochs or ae.max_epochs), ae.iou_target, ae.checkpoint_every,
-                   cfg.seed, plateau)
+                   cfg.seed, plateau, ae.loss, ae.schedule, ae.eval_every)
 
     def stop_rule(self) -> Callable[[list[float]], bool] | None:
         if self.plateau is None:
             return None
         patience, min_delta = self.plateau
-        return lambda ious: plateaued(ious, patience, min_delta)
+        measured = max(1, math.ceil(patience / self.eval_every))  # history entries, not epochs
+        return lambda ious: plateaued(ious, measured, min_delta)
+
+    def lr_at(self) -> Callable[[int, int], float] | None:
+        """The learning rate per step: constant `lr`, or one cycle peaking at `lr`."""
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown autoencoder schedule {self.schedule!r}; choose from "
+                             f"{', '.join(SCHEDULES)}")
+        if self.schedule == "constant":
+            return None
+        return lambda step, total: one_cycle_lr(step, total, self.lr)
 
 
 def fit_summary(fit: Fit) -> dict:
@@ -224,7 +284,9 @@ def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
         optimizer.load_state_dict(optimizer_state)
 
     def checkpoint(fit: Fit) -> None:
-        if not (fit.done or fit.last.epoch % spec.checkpoint_every == 0):
+        previous = fit.history[-2].epoch if len(fit.history) > 1 else 0
+        if not (fit.done or fit.last.epoch // spec.checkpoint_every
+                > previous // spec.checkpoint_every):
             return
         metrics = fit_summary(fit)
         with tempfile.TemporaryDirectory() as folder:
@@ -237,7 +299,8 @@ def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
     return fit_epochs(model, cubes, optimizer, batch_size=spec.batch_size,
                       max_epochs=spec.max_epochs, iou_target=spec.iou_target, history=history,
                       seed=spec.seed, device=device, stop_rule=spec.stop_rule(),
-                      on_epoch=checkpoint, gather=gather)
+                      on_epoch=checkpoint, gather=gather, loss=spec.loss, lr_at=spec.lr_at(),
+                      eval_every=spec.eval_every)
 
 
 def _training_filter(cfg: Config) -> list[tuple[str, str, object]]:
