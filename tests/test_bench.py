@@ -70,14 +70,15 @@ def test_the_published_criterion_stops_at_the_first_batch_above_target():
     torch.manual_seed(0)
     model = DiscAutoencoder(16, (4, 8), 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    paper = PaperCriterion(model, cubes, target=0.0, every=1)  # any overlap beats IoU 0
+    paper = PaperCriterion(model, cubes, target=0.0, every=1,  # any overlap beats IoU 0
+                           steps_per_epoch=2)
     fit = fit_epochs(model, cubes, optimizer, batch_size=4, max_epochs=3, iou_target=2.0,
                      on_epoch=paper.on_epoch, on_batch=paper.on_batch)
     assert paper.crossing["epoch"] == 1 and paper.crossing["batch"] == 1
     assert paper.batches == 3 * 2  # every step of every epoch reached the hook
     low, mean, high = (paper.crossing[k] for k in ("iou_ci_low", "mean_iou", "iou_ci_high"))
     assert 0 <= low <= mean <= high <= 1
-    assert len(fit.history) == 3 and paper.epoch == 4
+    assert len(fit.history) == 3 and paper.epoch == 3  # the last batch was epoch 3's
 
 
 def test_stream_stage_breakdown_covers_every_stage(ray_session, tmp_path):
