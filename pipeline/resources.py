@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 from pipeline.config import ResourcesConfig
@@ -63,27 +62,24 @@ def _cpus() -> float:
 
 
 def wait_for_gpu(timeout_s: float) -> None:
-    """Ask the autoscaler for a GPU node and wait until one has joined; RuntimeError after
-    `timeout_s`. Without the request an autoscaler sees no demand until a stage's workers are
-    already pending, and a cluster that can never start one would hang there silently."""
+    """Wait until a GPU node has joined, holding a one-GPU placement group meanwhile: a pending
+    demand the autoscaler answers with a GPU node (Ray Data overwrites `request_resources`).
+    RuntimeError after `timeout_s`: a cluster that can never start one would otherwise hang."""
     if _gpus():
         return
-    from ray.autoscaler.sdk import request_resources
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     logger.warning("resources.gpu=require: waiting up to %g s for a GPU node to join", timeout_s)
-    request_resources(bundles=[{"GPU": 1}])
-    deadline = time.monotonic() + timeout_s
+    demand = placement_group([{"GPU": 1}])
     try:
-        while not _gpus():
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"resources.gpu=require, but no GPU node joined the Ray cluster within "
-                    f"{timeout_s:g} s: give the cluster a GPU node type the autoscaler can "
-                    f"launch (cluster.yaml's gpu_worker), or run with --set resources.gpu=auto "
-                    f"to train on CPUs")
-            time.sleep(1)
+        if not demand.wait(timeout_seconds=timeout_s):
+            raise RuntimeError(
+                f"resources.gpu=require, but no GPU node joined the Ray cluster within "
+                f"{timeout_s:g} s: give the cluster a GPU node type the autoscaler can "
+                f"launch (cluster.yaml's gpu_worker), or run with --set resources.gpu=auto "
+                f"to train on CPUs")
     finally:
-        request_resources(bundles=[])  # the stage's own GPU requests keep the node busy
+        remove_placement_group(demand)  # the stage's own GPU requests keep the node busy
 
 
 def use_gpus(res: ResourcesConfig) -> bool:
