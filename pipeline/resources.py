@@ -132,17 +132,20 @@ def encoder_pool(res: ResourcesConfig, n_batches: int) -> Layout:
 
 def sweep(res: ResourcesConfig, n_trials: int, nested: bool, num_workers: int = 1) -> TrialPlan:
     """The sweep's trial plan for this cluster (see plan_trials)."""
-    gpus = _gpus() if use_gpus(res) else 0
-    return plan_trials({"CPU": _cpus(), "GPU": gpus}, n_trials, nested, num_workers)
+    if use_gpus(res):
+        return plan_trials({"CPU": _cpus(), "GPU": _gpus()}, n_trials, nested, num_workers,
+                           gpu_trial_cpus=_gpu_worker_cpus(res))
+    return plan_trials({"CPU": _cpus()}, n_trials, nested, num_workers)
 
 
-def plan_trials(resources: dict, n_trials: int, nested: bool, num_workers: int = 1) -> TrialPlan:
+def plan_trials(resources: dict, n_trials: int, nested: bool, num_workers: int = 1,
+                gpu_trial_cpus: float = 1.0) -> TrialPlan:
     """Size trial concurrency from the cluster's resources.
 
-    Plain trials train in the trial itself and reserve their real share: a GPU each where there
-    are GPUs, else the CPUs split among the trials that run at once, up to two trials per
-    CPU (3 single-threaded trials on 2 CPUs finish in 1.5 trial-times, not 2 with one core idle
-    at the end). Nested trials reserve almost nothing ({"cpu": 0.01}: a trial reserving a whole
+    Plain trials train in the trial itself and reserve their real share: a GPU and
+    `gpu_trial_cpus` CPUs each where there are GPUs, else the CPUs split among the trials that
+    run at once, up to two trials per CPU (3 single-threaded trials on 2 CPUs finish in 1.5
+    trial-times, not 2 with one core idle at the end). Nested trials reserve almost nothing ({"cpu": 0.01}: a trial reserving a whole
     CPU beside its trainer's workers never starts on 2 CPUs) and give their workers fractional
     CPUs, leaving a CPU for Ray Data.
     """
@@ -152,8 +155,10 @@ def plan_trials(resources: dict, n_trials: int, nested: bool, num_workers: int =
     if not nested:
         concurrency = min(n_trials, gpus if gpus else max(1, int(2 * cpus)))
         share = cpus / concurrency
-        trial = {"cpu": min(share, 1.0), "gpu": 1} if gpus else {"cpu": share}
-        return TrialPlan(concurrency, trial, max(1, int(share)), 0.0)
+        if gpus:
+            return TrialPlan(concurrency, {"cpu": gpu_trial_cpus, "gpu": 1},
+                             max(1, int(gpu_trial_cpus)), 0.0)
+        return TrialPlan(concurrency, {"cpu": share}, max(1, int(share)), 0.0)
     slots = gpus // num_workers if gpus else int(cpus // num_workers)
     concurrency = max(1, min(n_trials, slots))
     trial_cpu = 0.01
