@@ -93,12 +93,13 @@ def autoscaling_cluster():
            MARKER: temp_dir}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     try:
-        subprocess.run(
+        started = subprocess.run(
             [ray_bin, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
              f"--port={GCS_PORT}", f"--autoscaling-config={config}", f"--temp-dir={temp_dir}",
              f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
              f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
-            env=env, check=True, capture_output=True, timeout=120)
+            env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr[-3000:]
         yield f"127.0.0.1:{GCS_PORT}", ray_bin
     finally:
         for pid in _ours(temp_dir):
