@@ -18,6 +18,7 @@ their ratio and the stage table, and writes bench/results/stream_vs_loop.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from bench import common  # noqa: E402, I001  (sets Ray's environment: import it
 
 import ray  # noqa: E402
 
-from pipeline import config  # noqa: E402
+from pipeline import config, resources  # noqa: E402
 from pipeline.data import storage  # noqa: E402
 from pipeline.segmentation import models as segmodels, stream  # noqa: E402
 from pipeline.data.cohort import catalog  # noqa: E402
@@ -137,9 +138,9 @@ def main() -> None:
         for uri in [*series["image_uri"], *series["mask_uri"]]:
             storage.read_bytes(uri)  # both paths then find the files in the page cache
         common.init_ray(args.address)
-        layout = stream.actor_layout()
+        layout = resources.segmenter_pool(cfg.resources)
         load_before = common.load_average()  # other work on the machine skews both timings
-        common.progress(f"stream: {len(series)} series, {layout['size']} Segmenter actor(s)")
+        common.progress(f"stream: {len(series)} series, {layout.count} Segmenter actor(s)")
         stream_s, stream_stages, began = run_stream(series, cfg, checkpoint,
                                                     storage.join(tmp, "stream"))
         common.progress(f"stream done in {stream_s:.1f} s; loop with {args.loop_threads} "
@@ -147,7 +148,7 @@ def main() -> None:
         loop_s, loop_stages = run_loop(series, cfg, checkpoint, storage.join(tmp, "loop"),
                                        args.loop_threads)
         common.progress(f"loop done in {loop_s:.1f} s")
-        resources = ray.cluster_resources()
+        cluster = ray.cluster_resources()
         ray.shutdown()
 
     n = len(series)
@@ -168,9 +169,9 @@ def main() -> None:
         **{f"stream_{key}": value for key, value in began.items()},
         "stream_volumes_per_min_after_startup": round(60 * n / steady_s, 2),
         "stages": stages,
-        "cpus": resources.get("CPU", 0),
-        "gpus": resources.get("GPU", 0),
-        "segmenter_actors": layout,
+        "cpus": cluster.get("CPU", 0),
+        "gpus": cluster.get("GPU", 0),
+        "segmenter_actors": dataclasses.asdict(layout),
         "loop_torch_threads": args.loop_threads,
         "preset": args.preset,
         "checkpoint": checkpoint,

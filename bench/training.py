@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.data import storage, tables  # noqa: E402
 from pipeline.shape.train import TrainSpec, train_autoencoder, train_cubes  # noqa: E402
-from pipeline.resources import worker_layout  # noqa: E402
+from pipeline import resources  # noqa: E402
+from pipeline.config import ResourcesConfig  # noqa: E402
 from pipeline.data.cohort import catalog  # noqa: E402
 from pipeline.segmentation.train import train_segmenter  # noqa: E402
 from pipeline.data.synthetic import synthesize  # noqa: E402
@@ -74,7 +75,7 @@ def fit_overhead_s(workers: int, storage_path: str) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cpus = worker_layout(workers)[2]
+    cpus = resources.training(ResourcesConfig(), workers).cpus
     trainer = TorchTrainer(
         _noop_loop, scaling_config=ScalingConfig(num_workers=workers,
                                                  resources_per_worker={"CPU": cpus}),

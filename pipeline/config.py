@@ -88,6 +88,19 @@ class ClassifyConfig:
     n_jobs: int = 2  # processes fitting models in parallel (each model single-threaded)
 
 
+GPU_INTENTS = ("auto", "require")
+
+
+@dataclass
+class ResourcesConfig:
+    """Where stages run: read by pipeline.resources, never part of a stage's skip key (it moves
+    work between devices, not what the work computes)."""
+
+    gpu: str = "auto"  # "auto": GPUs only if the cluster has some; "require": ask for them
+    cpus_per_gpu_worker: int = 4  # per GPU worker or actor: its data loading, not just 1
+    gpu_wait_s: float = 900.0  # "require": fail when no GPU node has joined after this long
+
+
 @dataclass
 class Config:
     preset: str = "paper"
@@ -99,6 +112,7 @@ class Config:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,9 +121,15 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def section_json(self, *names: str) -> str:
-        """A stable text of some sections, for deciding whether a stage's result is stale."""
-        return json.dumps({n: dataclasses.asdict(getattr(self, n)) if dataclasses.is_dataclass(
-            getattr(self, n)) else getattr(self, n) for n in names}, sort_keys=True)
+        """A stable text of some sections or single fields (`section.field`), for deciding
+        whether a stage's result is stale."""
+        values = {}
+        for name in names:
+            value = self
+            for part in name.split("."):
+                value = getattr(value, part)
+            values[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return json.dumps(values, sort_keys=True)
 
 
 def paper() -> Config:
@@ -117,6 +137,7 @@ def paper() -> Config:
     return Config(
         preset="paper",
         segmentation=SegmentationConfig(model="swinunetr", roi_size=(96, 96, 96)),
+        resources=ResourcesConfig(gpu="require"),
     )
 
 
@@ -198,4 +219,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 def load(preset: str = "demo", overrides: list[str] | None = None) -> Config:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return apply_overrides(PRESETS[preset](), overrides or [])
+    cfg = apply_overrides(PRESETS[preset](), overrides or [])
+    if cfg.resources.gpu not in GPU_INTENTS:
+        raise ValueError(f"resources.gpu must be one of {', '.join(GPU_INTENTS)}; "
+                         f"got {cfg.resources.gpu!r}")
+    return cfg

@@ -4,7 +4,13 @@ import time
 
 import ray
 
-from pipeline.resources import worker_layout
+from pipeline import resources
+from pipeline.config import ResourcesConfig
+
+
+def worker_layout(num_workers: int) -> tuple[int, bool, float]:
+    layout = resources.training(ResourcesConfig(), num_workers)
+    return layout.count, layout.gpu, layout.cpus
 
 
 @ray.remote(num_cpus=1)

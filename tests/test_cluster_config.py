@@ -8,6 +8,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from pipeline import config as pipeline_config
+
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 
 
@@ -22,6 +24,18 @@ def test_cluster_yaml_validates():
     gpu = config["available_node_types"]["gpu_worker"]
     assert gpu["min_workers"] < gpu["max_workers"], "GPU workers must autoscale"
     assert any("pip install" in c and "spine-discs" in c for c in config["setup_commands"])
+
+
+def test_the_gpu_worker_fits_what_the_paper_preset_asks_for():
+    """The autoscaler launches a node type only if it declares room for the request: a GPU and
+    resources.cpus_per_gpu_worker CPUs; the head has no GPU, so GPU work never lands there."""
+    nodes = load()["available_node_types"]
+    paper = pipeline_config.paper().resources
+    assert paper.gpu == "require"
+    assert nodes["gpu_worker"]["resources"]["GPU"] >= 1
+    assert nodes["gpu_worker"]["resources"]["CPU"] >= paper.cpus_per_gpu_worker
+    assert nodes["gpu_worker"]["min_workers"] == 0
+    assert "GPU" not in nodes["head"]["resources"]
 
 
 def test_validation_catches_a_broken_config():

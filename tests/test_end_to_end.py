@@ -1,10 +1,13 @@
 """The whole job on a tiny synthetic cohort, submitted as a real Ray Job to a two-node local
-cluster (the Jobs API, a working directory, outputs at an absolute path: the closest thing to a
-cluster here): every table, figure and report section, then a re-run that skips every stage."""
+cluster, reading its cohort from and writing everything to S3 (a local S3-protocol server, moto):
+the Jobs API, a working directory and shared storage, as on a cluster. Every table, figure and
+report section lands in the bucket; segmentation training, killed once after epoch 2, resumes
+from its S3 checkpoint; a re-run skips every stage."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -12,13 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from jobs import run_pipeline
 from pipeline.data import storage, tables
+from pipeline.data.synthetic import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
@@ -42,6 +46,8 @@ TINY = [
     "classify.bootstrap=50",
 ]
 
+BUCKET = "spine"
+STAGES = ["catalog", "segtrain", "extract", "sweep", "encode", "classify", "interpret", "report"]
 REPORT_SECTIONS = ["Cohort", "Segmentation", "Geometry", "Bottleneck sweep", "Table 1",
                    "Table 2", "Findings", "Figures"]
 
@@ -85,14 +91,51 @@ def submit(client: JobSubmissionClient, **job) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, two_node_cluster):
-    """The tiny job through `ray job submit`'s API: (out, its arguments, final status, logs)."""
-    out = tmp_path_factory.mktemp("e2e") / "out"
-    args = ["--out", str(out)] + [a for item in TINY for a in ("--set", item)]
+def s3(tmp_path_factory):
+    """A local S3 server in this process, with a bucket holding a tiny synthetic cohort. Its
+    AWS_* variables point pyarrow (storage, Ray Train, Tune, Ray Data) here and in the job."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        bucket_fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"],
+                                      allow_bucket_creation=True)
+        bucket_fs.create_dir(BUCKET)
+        local = tmp_path_factory.mktemp("cohort")
+        synthesize(str(local), patients=6, seed=0, sequences=("t1",))
+        pafs.copy_files(str(local), f"{BUCKET}/data", destination_filesystem=bucket_fs)
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def finished_run(s3, two_node_cluster):
+    """The tiny job through `ray job submit`'s API, S3 in and out, with segmentation training's
+    workers failing once after epoch 2 (tests/fault_hooks.py): (out, its arguments, final
+    status, logs)."""
+    out = f"s3://{BUCKET}/run"
+    args = ["--data", f"s3://{BUCKET}/data", "--out", out] + [
+        a for item in TINY for a in ("--set", item)]
     client = JobSubmissionClient(two_node_cluster)
     job = submit(client, entrypoint=" ".join([sys.executable, "jobs/run_pipeline.py", *args]),
                  runtime_env={"working_dir": str(REPO),
-                              "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+                              "worker_process_setup_hook":
+                                  "tests.fault_hooks.segtrain_dies_once_after_epoch_2",
+                              "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                                           "FAULT_MARKERS": f"s3://{BUCKET}/faults", **s3}})
     deadline = time.monotonic() + 900
     while client.get_job_status(job) not in FINAL:
         assert time.monotonic() < deadline, "the job did not finish in 15 minutes"
@@ -100,12 +143,17 @@ def finished_run(tmp_path_factory, two_node_cluster):
     return out, args, client.get_job_status(job), client.get_job_logs(job)
 
 
+def _manifest(out: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(out, "manifest.json")))
+
+
 @pytest.mark.slow
 def test_the_job_runs_as_a_ray_job_on_two_nodes(finished_run):
     out, _, status, logs = finished_run
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "2 node(s)" in logs, "the job must have joined the two-node cluster"
-    assert "[9/9] report" in logs and f"report: {out / 'report.md'}" in logs
+    assert f"[{len(STAGES)}/{len(STAGES)}] report" in logs
+    assert f"report: {out}/report.md" in logs
 
 
 @pytest.mark.slow
@@ -115,17 +163,17 @@ def test_every_output_is_written(finished_run):
     for name in [tables.SERIES, tables.GRADINGS, tables.ERRORS, tables.DISCS,
                  tables.SEGMENTATION_METRICS, tables.SWEEP, tables.LATENTS,
                  tables.CLASSIFICATION]:
-        assert storage.exists(tables.path(str(out), name)), name
-    discs = pd.read_parquet(tables.path(str(out), tables.DISCS), columns=tables.DISC_KEYS)
-    latents = pd.read_parquet(tables.path(str(out), tables.LATENTS))
+        assert storage.exists(tables.path(out, name)), name
+    discs = storage.read_table(tables.path(out, tables.DISCS), columns=tables.DISC_KEYS)
+    latents = storage.read_table(tables.path(out, tables.LATENTS))
     assert len(latents) == len(discs)
     sources = set(discs.mask_source)
     assert "reference" in sources and sources <= {"reference", "predicted"}
     # The predicted path ran on every series: each component the segmenter found became a
     # predicted disc row or a recorded skip. (Whether a 4-epoch tiny segmenter finds whole discs
     # is chance; tests/test_extract.py checks the predicted discs of a trained model.)
-    series = pd.read_parquet(tables.path(str(out), tables.SERIES), columns=["series_id"])
-    metrics = pd.read_parquet(tables.path(str(out), tables.SEGMENTATION_METRICS))
+    series = storage.read_table(tables.path(out, tables.SERIES), columns=["series_id"])
+    metrics = storage.read_table(tables.path(out, tables.SEGMENTATION_METRICS))
     assert sorted(metrics.series_id) == sorted(series.series_id)
     assert metrics.dice.notna().all()
     predicted = discs[discs.mask_source == "predicted"].groupby("series_id").size()
@@ -133,13 +181,36 @@ def test_every_output_is_written(finished_run):
         skipped = [s for s in row.skipped_discs.split("; ") if s.startswith("predicted disc")]
         assert row.n_predicted_discs == predicted.get(row.series_id, 0), row.series_id
         assert row.n_predicted_discs + len(skipped) == row.n_found, row.series_id
-    figures = list((out / "figures").glob("*.png"))
-    assert len(figures) >= 5 and all(f.stat().st_size > 1000 for f in figures)
-    report = (out / "report.md").read_text()
+    fs, folder = storage.filesystem(storage.join(out, "figures"))
+    figures = [f for f in fs.get_file_info(pafs.FileSelector(folder)) if f.path.endswith(".png")]
+    assert len(figures) >= 5 and all(f.size > 1000 for f in figures)
+    report = storage.read_bytes(storage.join(out, "report.md")).decode()
     for section in REPORT_SECTIONS:
         assert section in report, section
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = _manifest(out)
+    print("S3 run stages:", {name: s["status"] for name, s in manifest["stages"].items()})
+    assert list(manifest["stages"]) == STAGES
     assert all(s["status"] == "done" for s in manifest["stages"].values())
+    # every model location a later stage read is a URI into the bucket, not a bare path
+    for stage in ("segtrain", "sweep"):
+        assert manifest["stages"][stage]["results"]["checkpoint"].startswith(f"s3://{BUCKET}/")
+    sweep = storage.read_table(tables.path(out, tables.SWEEP))
+    assert sweep.checkpoint_path.str.startswith(f"s3://{BUCKET}/").all()
+
+
+@pytest.mark.slow
+def test_segmentation_training_resumed_from_its_s3_checkpoint(finished_run):
+    out, _, status, logs = finished_run
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    markers = f"s3://{BUCKET}/faults"
+    assert storage.exists(storage.join(markers, "injected")), "the fault never fired"
+    resumed = json.loads(storage.read_bytes(storage.join(markers, "resumed.json")))
+    checkpoint = f"s3://{resumed['path']}"
+    segtrain = _manifest(out)["stages"]["segtrain"]["results"]
+    run = segtrain["checkpoint"].rsplit("/", 1)[0]
+    assert checkpoint.startswith(run + "/checkpoint_"), (checkpoint, run)
+    epochs = int(next(i.split("=")[1] for i in TINY if i.startswith("segmentation.epochs=")))
+    assert segtrain["epochs"] == epochs
 
 
 @pytest.mark.slow
@@ -148,4 +219,4 @@ def test_rerun_skips_every_stage(finished_run, ray_session, capsys):
     capsys.readouterr()
     assert run_pipeline.main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert lines and all("skipped" in line for line in lines), lines
+    assert len(lines) == len(STAGES) and all("skipped" in line for line in lines), lines

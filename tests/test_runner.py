@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import config
 from pipeline.data import storage, tables
+from pipeline.run import runner, stages
 from pipeline.run.runner import (
     EXIT_FAILED,
     EXIT_OK,
@@ -94,3 +95,41 @@ def test_failure_and_partial_exit_codes(ctx):
 def test_unknown_stage_is_rejected(ctx):
     with pytest.raises(ValueError, match="unknown stage"):
         run_stages(make_stages([]), ctx, selected=["nope"])
+
+
+def test_code_change_reruns_every_stage(ctx, monkeypatch):
+    calls = []
+    run_stages(make_stages(calls), ctx)
+    monkeypatch.setattr(runner, "code_fingerprint", lambda: "a bug fix later")
+    run_stages(make_stages(calls), ctx)
+    assert calls == ["first", "second", "first", "second"]
+
+
+def test_a_stage_key_holds_every_config_field_the_stage_reads(ctx):
+    catalog = next(s for s in stages.build(synthesize=False) if s.name == "catalog")
+    key = runner.stage_key(catalog, ctx)
+    ctx.cfg.segmentation.val_fraction = 0.3
+    assert runner.stage_key(catalog, ctx) != key
+
+
+def test_run_names_resume_only_an_identical_run(ctx):
+    """A training stage's run name: the same after an interruption, new after a config change
+    or --force (Ray Train resumes any run with the same storage path and name)."""
+    names = []
+
+    def training(c):
+        names.append(c.run_name)
+        if len(names) == 1:
+            raise RuntimeError("interrupted")
+        return StageOutcome()
+
+    stage = [Stage("train", "train", training, inputs=lambda c: [], outputs=lambda c: [],
+                   config_sections=("segmentation",))]
+    assert run_stages(stage, ctx) == EXIT_FAILED
+    assert run_stages(stage, ctx) == EXIT_OK
+    assert names[1] == names[0], "an interrupted identical run must resume"
+    run_stages(stage, ctx, force=("train",))
+    ctx.cfg.segmentation.lr = 0.5
+    run_stages(stage, ctx)
+    assert len(set(names[1:])) == 3, names
+    assert all(name.startswith("train-") for name in names)

@@ -15,13 +15,13 @@ import pytest
 
 from pipeline import config
 from pipeline.data import storage, tables
+from pipeline.resources import plan_trials
 from pipeline.shape.model import load_model
 from tests.disc_cubes import write_discs
 from tune.bottleneck_sweep import (
     COLUMNS,
     choose_bottleneck,
     experiment_name,
-    plan_trials,
     run_sweep,
 )
 

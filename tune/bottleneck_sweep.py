@@ -31,8 +31,9 @@ import torch
 from ray import tune
 
 from pipeline import config as config_module
+from pipeline import resources
 from pipeline.config import Config
-from pipeline.data import storage, tables
+from pipeline.data import checkpoints, storage, tables
 from pipeline.shape.train import (
     TrainSpec,
     load_training_cubes,
@@ -50,42 +51,6 @@ class SweepResult:
     chosen_bottleneck: int
     chosen_checkpoint: str
     any_converged: bool
-
-
-@dataclass
-class TrialPlan:
-    """How the sweep's trials share the cluster."""
-
-    concurrency: int  # trials at once
-    trial_resources: dict  # what each Tune trial reserves
-    threads: int  # torch threads per training process
-    cpus_per_worker: float  # nested only: each TorchTrainer worker's CPU share
-
-
-def plan_trials(resources: dict, n_trials: int, nested: bool, num_workers: int = 1) -> TrialPlan:
-    """Size trial concurrency from the cluster's resources.
-
-    Plain trials train in the trial itself and reserve their real share: a GPU each where there
-    are GPUs, else the CPUs split among the trials that run at once, up to two trials per
-    CPU (3 single-threaded trials on 2 CPUs finish in 1.5 trial-times, not 2 with one core idle
-    at the end). Nested trials reserve
-    almost nothing ({"cpu": 0.01}: a trial reserving a whole CPU beside its trainer's workers
-    never starts on 2 CPUs) and give their workers fractional CPUs, leaving a CPU for Ray Data.
-    """
-    cpus, gpus = float(resources.get("CPU", 0.0)), int(resources.get("GPU", 0))
-    if cpus < 0.5:
-        raise ValueError(f"the cluster has {cpus:g} CPUs: not enough for a sweep trial")
-    if not nested:
-        concurrency = min(n_trials, gpus if gpus else max(1, int(2 * cpus)))
-        share = cpus / concurrency
-        resources = {"cpu": min(share, 1.0), "gpu": 1} if gpus else {"cpu": share}
-        return TrialPlan(concurrency, resources, max(1, int(share)), 0.0)
-    slots = gpus // num_workers if gpus else int(cpus // num_workers)
-    concurrency = max(1, min(n_trials, slots))
-    trial_cpu = 0.01
-    spare = min(1.0, cpus / 2)  # for the Ray Data read of each trial's training cubes
-    per_worker = max(0.1, (cpus - spare - trial_cpu * concurrency) / (concurrency * num_workers))
-    return TrialPlan(concurrency, {"cpu": trial_cpu}, max(1, int(per_worker)), per_worker)
 
 
 def choose_bottleneck(table: pd.DataFrame, iou_target: float) -> pd.DataFrame:
@@ -141,7 +106,7 @@ def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int) -> 
     restored = tune.get_checkpoint()
     with restored.as_directory() if restored else contextlib.nullcontext() as folder:
         train_cubes(cubes, trial_spec(cfg, bottleneck), report=report, restore_dir=folder,
-                    device="cuda" if torch.cuda.is_available() else "cpu")
+                    device=resources.torch_device())
 
 
 def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,
@@ -176,20 +141,19 @@ class TrialProgress(tune.Callback):
 
 
 def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
-              progress: Callable[[str], None] = print) -> SweepResult:
+              progress: Callable[[str], None] = print, name: str | None = None) -> SweepResult:
     """Train one autoencoder per cfg.sweep.bottlenecks on Ray Tune, choose one, and write
-    tables.path(out, SWEEP)."""
+    tables.path(out, SWEEP). `name`: the experiment's (default experiment_name); the same name
+    and storage_path resume it."""
 
     bottlenecks = list(dict.fromkeys(int(b) for b in cfg.sweep.bottlenecks))
     if not bottlenecks or min(bottlenecks) < 1:
         raise ValueError(f"sweep.bottlenecks must be positive sizes; got {cfg.sweep.bottlenecks}")
     nested = cfg.sweep.nested_train
-    # the cluster's CPUs, not the momentary free ones (see pipeline.cluster)
-    plan = plan_trials(ray.cluster_resources(), len(bottlenecks), nested,
-                       cfg.autoencoder.num_workers)
+    plan = resources.sweep(cfg.resources, len(bottlenecks), nested, cfg.autoencoder.num_workers)
     tables.require_discs(discs_path)
     storage_path = storage.absolute(storage_path)
-    name = experiment_name(discs_path, cfg)
+    name = name or experiment_name(discs_path, cfg)
     if nested:
         trainable = tune.with_parameters(
             _nested_trial, discs_path=discs_path, cfg=cfg, storage_path=storage_path,
@@ -219,7 +183,7 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
                 failure_config=tune.FailureConfig(max_failures=2)),
         )
     grid = tuner.fit()
-    rows = _trial_rows(grid, cfg.sweep.max_epochs)
+    rows = _trial_rows(grid, cfg.sweep.max_epochs, storage_path)
     unfinished = rows[~rows.pop("finished")]
     if len(unfinished):
         # Tune answers Ctrl-C by saving its state and returning normally: a table of half-trained
@@ -245,7 +209,7 @@ class SweepInterrupted(RuntimeError):
     """Some trials neither finished nor failed: the sweep was stopped part-way."""
 
 
-def _trial_rows(grid, max_epochs: int) -> pd.DataFrame:
+def _trial_rows(grid, max_epochs: int, storage_path: str) -> pd.DataFrame:
     """COLUMNS plus `finished`: the trial failed, converged, stopped early or used its epochs."""
     rows = []
     for result in grid:
@@ -253,7 +217,7 @@ def _trial_rows(grid, max_epochs: int) -> pd.DataFrame:
         finished = result.error is not None or any(metrics.get(k, False) for k in (
             "converged", "stopped_early")) or int(metrics.get("epochs", 0)) >= max_epochs
         checkpoint = metrics.get("checkpoint_path") or (
-            result.checkpoint.path if result.checkpoint else None)
+            checkpoints.location(result.checkpoint, storage_path) if result.checkpoint else None)
         note = ""
         if result.error is not None:
             note = f"trial failed: {str(result.error).strip().splitlines()[-1][:200]}"

@@ -32,6 +32,18 @@ def write(folder: str, model: torch.nn.Module, meta: dict,
     return folder
 
 
+def location(checkpoint, storage_path: str) -> str:
+    """A Ray Train or Tune checkpoint's folder as a path or URI that round-trips.
+
+    `Checkpoint.path` drops the scheme (`bucket/run/...` for `s3://bucket/run/...`): written to a
+    table or manifest like that, the next stage would read it as a local path. The scheme comes
+    back from the storage path the run was given.
+    """
+    if storage.is_uri(storage_path):
+        return f"{str(storage_path).split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
+
+
 def read_meta(location: str, kind: str) -> dict:
     """meta.json of a checkpoint; a folder without one is not a `kind` checkpoint."""
     path = storage.join(str(location), META_FILE)

@@ -1,19 +1,36 @@
 """The run manifest: what each stage consumed and produced, so a re-run can skip finished stages.
 
-A stage is skipped when its config sections, its input fingerprints and its code version match
-the last successful run and its outputs still exist. Fingerprints use file sizes and modification
+A stage is skipped when the config it reads, its input fingerprints and the code match the last
+successful run and its outputs still exist. Input fingerprints use file sizes and modification
 times (cheap on S3 too), not content hashes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
+import pipeline
+import tune
 from pipeline.data import storage
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the project's source (every .py file of pipeline/ and tune/, as imported): after
+    a bug fix a re-run re-makes the tables instead of serving those of the old code."""
+    digest = hashlib.sha256()
+    for package in (pipeline, tune):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root.parent).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(location: str) -> str:

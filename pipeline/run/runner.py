@@ -8,16 +8,19 @@ what each stage consumed and produced in the manifest, collects quarantined inpu
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import signal
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.config import Config
 from pipeline.data import storage, tables
-from pipeline.run.manifest import Manifest, fingerprint
+from pipeline.run.manifest import Manifest, code_fingerprint, fingerprint
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
@@ -42,6 +45,7 @@ class Context:
     strict: bool = False
     progress: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
+    run_name: str = ""  # the running stage's name for its Ray Train/Tune run (see run_name)
 
     def table(self, name: str) -> str:
         return tables.path(self.out, name)
@@ -58,17 +62,28 @@ class Stage:
     run: Callable[[Context], StageOutcome]
     inputs: Callable[[Context], list[str]]
     outputs: Callable[[Context], list[str]]
-    config_sections: tuple[str, ...] = ()
+    config_sections: tuple[str, ...] = ()  # sections or `section.field`s: all the stage reads
     depends_on: tuple[str, ...] = ()
 
 
 def stage_key(stage: Stage, ctx: Context) -> dict:
-    """What decides whether a finished stage is still current."""
+    """What decides whether a finished stage is still current: the config it reads, its inputs,
+    its upstream results and the code. (`resources` is left out: it moves work between devices,
+    it does not change what the work computes.)"""
     return {
         "config": ctx.cfg.section_json(*stage.config_sections) if stage.config_sections else "",
         "inputs": {loc: fingerprint(loc) for loc in stage.inputs(ctx)},
         "upstream": {d: ctx.results.get(d, {}) for d in stage.depends_on},
+        "code": code_fingerprint(),
     }
+
+
+def run_name(stage: Stage, key: dict) -> str:
+    """A training stage's Ray run name, from its key. Ray resumes any run with the same storage
+    path and name: a changed config, input or code must start a new run (not restore the old
+    weights and optimizer), while an interrupted identical run resumes."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    return f"{stage.name}-{digest.hexdigest()[:12]}"
 
 
 @contextlib.contextmanager
@@ -115,6 +130,9 @@ def run_stages(
             ctx.progress(f"{label} skipped: inputs and config unchanged since the last run")
             continue
         ctx.progress(f"{label} {stage.describe}")
+        # --force means train anew: a forced stage's run never resumes the finished one
+        ctx.run_name = run_name(stage, key) + (f"-{uuid.uuid4().hex[:6]}"
+                                               if stage.name in force else "")
         started = time.time()
         try:
             with _keeping_sigint():

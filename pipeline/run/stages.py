@@ -44,7 +44,7 @@ def _segtrain(ctx: Context) -> StageOutcome:
     from pipeline.segmentation.train import train_segmenter
 
     series = storage.read_table(ctx.table(tables.SERIES))
-    result = train_segmenter(series, ctx.cfg, storage_path=ctx.work("train"), name="segmenter",
+    result = train_segmenter(series, ctx.cfg, storage_path=ctx.work("train"), name=ctx.run_name,
                              progress=ctx.progress)
     return StageOutcome(
         results={"checkpoint": result.checkpoint_path, "val_dice": result.best_val_dice,
@@ -69,7 +69,7 @@ def _sweep(ctx: Context) -> StageOutcome:
     from tune.bottleneck_sweep import run_sweep
 
     result = run_sweep(ctx.table(tables.DISCS), ctx.cfg, storage_path=ctx.work("tune"),
-                       out=ctx.out, progress=ctx.progress)
+                       out=ctx.out, progress=ctx.progress, name=ctx.run_name)
     return StageOutcome(
         results={"chosen_bottleneck": result.chosen_bottleneck,
                  "checkpoint": result.chosen_checkpoint, "any_converged": result.any_converged},
@@ -81,7 +81,7 @@ def _encode(ctx: Context) -> StageOutcome:
     from pipeline.shape.encode import encode_discs
 
     path = encode_discs(ctx.table(tables.DISCS), ctx.results["sweep"]["checkpoint"], ctx.out,
-                        progress=ctx.progress)
+                        progress=ctx.progress, res=ctx.cfg.resources)
     return StageOutcome(counts={"discs": len(storage.read_table(path, columns=["series_id"]))})
 
 
@@ -127,7 +127,7 @@ def build(synthesize: bool) -> list[Stage]:
         Stage("catalog", "cataloguing series and gradings", _catalog,
               inputs=lambda ctx: [ctx.data],
               outputs=_in_tables(tables.SERIES, tables.GRADINGS),
-              config_sections=("sequence", "seed")),
+              config_sections=("sequence", "seed", "segmentation.val_fraction")),
         Stage("segtrain", "training the disc segmenter (Ray Train)", _segtrain,
               inputs=_in_tables(tables.SERIES), outputs=lambda ctx: [],
               config_sections=("segmentation", "seed")),
@@ -147,11 +147,13 @@ def build(synthesize: bool) -> list[Stage]:
         Stage("interpret", "figures: latent traversal, levels, correlations, ROC", _interpret,
               inputs=_in_tables(tables.DISCS, tables.LATENTS, tables.CLASSIFICATION),
               outputs=lambda ctx: [storage.join(ctx.out, "figures")],
+              config_sections=("discs.cube_spacing_mm", "classify.bootstrap", "seed"),
               depends_on=("sweep",)),
         Stage("report", "writing the report", _report,
               inputs=_in_tables(tables.SEGMENTATION_METRICS, tables.SWEEP,
                                 tables.CLASSIFICATION, tables.ERRORS),
-              outputs=lambda ctx: [storage.join(ctx.out, "report.md")]),
+              outputs=lambda ctx: [storage.join(ctx.out, "report.md")],
+              config_sections=("classify.targets", "autoencoder.iou_target", "preset")),
     ]
     return stages
 

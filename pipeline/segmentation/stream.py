@@ -4,10 +4,11 @@ Three stages, each a plain function so the same per-series work also runs as a s
 (`process_series`, used by the benchmark and by anyone without Ray):
 1. `load_series`: `read_series` reads image and reference mask and refuses bad input, then
    `preprocess_series` brings the image onto the model grid. Two maps, so Ray Data's stats tell
-   reading from preprocessing; Ray Data fuses both into the Segmenter actors' operator, so a
-   volume reaches inference without an object-store hop.
-2. `Segmenter` (an actor pool, GPU where the cluster has one): sliding-window inference over the
-   whole volume, never a crop taken from the reference mask.
+   reading from preprocessing. On CPUs Ray Data fuses both into the Segmenter actors' operator,
+   so a volume reaches inference without an object-store hop; GPU actors ask for other resources,
+   so reading and preprocessing stay CPU tasks and the GPU actors only infer.
+2. `Segmenter` (an actor pool sized by `pipeline.resources`: a GPU each when the run uses GPUs):
+   sliding-window inference over the whole volume, never a crop taken from the reference mask.
 3. `extract_series` (tasks): map the prediction back to the native grid, score it, split
    reference and predicted masks into discs through the same path (crop, measure, cube), write
    `<out>/tables/discs.parquet/<series_id>.parquet` and `<out>/predictions/<series_id>.mha`.
@@ -36,7 +37,7 @@ import ray
 import torch
 from monai.inferers import sliding_window_inference
 
-from pipeline import stats
+from pipeline import resources, stats
 from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, tables, validate, volumes
 from pipeline.discs import geometry, isolate
@@ -115,7 +116,7 @@ class Segmenter:
                  threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resources.torch_device()
         model, self.meta = segmodels.load_segmenter(checkpoint_path)
         self.model = model.to(self.device)
         self.roi_size = tuple(segmodels.config_from_meta(self.meta).roi_size)
@@ -250,18 +251,6 @@ def process_series(row: dict, segmenter: Segmenter, cfg: Config, out: str) -> di
     return extract_series(segmenter.segment(load_series(row, seg)), cfg, out)
 
 
-def actor_layout() -> dict:
-    """Segmenter pool size and per-actor resources from the cluster: one actor per GPU; on CPUs,
-    one single-threaded actor per two CPUs (at least one), leaving the rest to the read and
-    extract tasks that keep the actors fed."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return {"size": gpus, "num_gpus": 1, "num_cpus": 1, "threads": None}
-    return {"size": max(1, int(resources.get("CPU", 1)) // 2), "num_gpus": 0, "num_cpus": 1,
-            "threads": 1}
-
-
 def _summary(metrics: pd.DataFrame) -> dict:
     """Mean Dice and IoU with 95% CIs over validation series (all series when none is val),
     resampling patients."""
@@ -308,7 +297,7 @@ def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out:
     if progress is not None:
         data_context.enable_progress_bars = False
         data_context.print_on_execution_start = False
-    layout = actor_layout()
+    layout = resources.segmenter_pool(cfg.resources)
     rows = series[[*_PASSED, "image_uri", "mask_uri"]].astype(str).to_dict("records")
     stream = (
         ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
@@ -319,9 +308,9 @@ def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out:
             fn_constructor_kwargs={"checkpoint_path": checkpoint_path,
                                    "overlap": cfg.segmentation.inference_overlap,
                                    "sw_batch_size": cfg.segmentation.inference_batch_size,
-                                   "threads": layout["threads"]},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=layout["size"]),
-            num_gpus=layout["num_gpus"], num_cpus=layout["num_cpus"])
+                                   "threads": layout.threads},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=layout.count),
+            num_gpus=1 if layout.gpu else 0, num_cpus=layout.cpus)
         .map(extract_series, fn_kwargs={"cfg": cfg, "out": out})
     )
     started = time.perf_counter()

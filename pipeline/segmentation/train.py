@@ -39,10 +39,10 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
+from pipeline import resources
 from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, validate
 from pipeline.progress import WorkerProgress, send
-from pipeline.resources import worker_layout
 from pipeline.segmentation import models as segmodels
 from pipeline.segmentation import preprocess
 from pipeline.segmentation.metrics import dice_iou
@@ -187,13 +187,6 @@ def train_loop_per_worker(config: dict) -> dict:
     return state
 
 
-def _checkpoint_location(checkpoint: Checkpoint, storage_path: str) -> str:
-    """A checkpoint's folder as a path, or as a URI when training stored to one."""
-    if storage.is_uri(storage_path):
-        return f"{storage_path.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
-    return checkpoint.path
-
-
 def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
                     progress: Callable[[str], None] = print) -> SegmenterResult:
     """Train on the series with split "train", select on split "val" (patient-grouped upstream).
@@ -227,16 +220,16 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         datasets[split] = volumes.filter(
             expr=(col("split") == split) & (col("error") == "")).materialize()
         progress(f"segmentation: {usable} {split} series preprocessed")
-    workers, use_gpu, cpus = worker_layout(seg.num_workers)
-    progress(f"segmentation: training {seg.model} on {workers} worker(s), "
-             f"{'GPU' if use_gpu else f'{cpus:g} CPU'} each")
+    layout = resources.training(cfg.resources, seg.num_workers)
+    progress(f"segmentation: training {seg.model} on {layout.count} worker(s), "
+             f"{'a GPU and ' if layout.gpu else ''}{layout.cpus:g} CPU each")
     with WorkerProgress(progress) as sink:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"segmentation": dataclasses.asdict(seg), "seed": cfg.seed,
-                               "threads": max(1, int(cpus)), "progress": sink},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus}),
+                               "threads": layout.threads, "progress": sink},
+            scaling_config=ScalingConfig(num_workers=layout.count, use_gpu=layout.gpu,
+                                         resources_per_worker=layout.resources()),
             run_config=RunConfig(
                 name=name, storage_path=storage.absolute(storage_path),
                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE,
@@ -249,7 +242,7 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         result = trainer.fit()
     state = result.return_value
     best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
-    path = _checkpoint_location(best, storage.absolute(storage_path))
+    path = checkpoints.location(best, storage.absolute(storage_path))
     meta = checkpoints.read_meta(path, "segmenter")
     summary = SegmenterResult(
         checkpoint_path=path, best_val_dice=float(meta["val_dice"]),

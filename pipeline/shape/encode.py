@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import resources
+from pipeline.config import ResourcesConfig
 from pipeline.data import storage, tables
 from pipeline.shape.model import as_input, disc_iou, load_model, model_id
 
@@ -28,7 +30,7 @@ class Encoder:
 
     def __init__(self, checkpoint_path: str, threads: int = 1):
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resources.torch_device()
         model, _ = load_model(checkpoint_path)
         self.model = model.to(self.device).eval()
         self.model_id = model_id(checkpoint_path)
@@ -53,9 +55,10 @@ class Encoder:
 
 
 def encode_discs(discs_path: str, checkpoint_path: str, out: str,
-                 progress: Callable[[str], None] = print) -> str:
+                 progress: Callable[[str], None] = print,
+                 res: ResourcesConfig | None = None) -> str:
     """Encode every disc of discs.parquet; write tables.path(out, LATENTS) (one row per
-    discs.parquet row) and return its location."""
+    discs.parquet row) and return its location. `res` decides GPU use (default: "auto")."""
     import ray
     import ray.data
 
@@ -64,18 +67,15 @@ def encode_discs(discs_path: str, checkpoint_path: str, out: str,
     n_discs = discs.count()
     if n_discs == 0:
         raise ValueError(f"{discs_path} holds no discs to encode")
-    resources = ray.cluster_resources()  # not the momentary free ones (see pipeline.cluster)
-    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1.0)
-    # GPU: one actor per GPU. CPU: one single-threaded actor per CPU, less one for reading.
-    actors = gpus if gpus else max(1, int(cpus) - 1)
-    actors = max(1, min(actors, -(-n_discs // ENCODE_BATCH)))
-    progress(f"encoding {n_discs} discs with {actors} Encoder actor(s) on "
-             f"{'GPU' if gpus else 'CPU'}")
+    layout = resources.encoder_pool(res or ResourcesConfig(), -(-n_discs // ENCODE_BATCH))
+    progress(f"encoding {n_discs} discs with {layout.count} Encoder actor(s) on "
+             f"{'GPU' if layout.gpu else 'CPU'}")
     latents = discs.map_batches(
-        Encoder, fn_constructor_kwargs={"checkpoint_path": checkpoint_path},
+        Encoder, fn_constructor_kwargs={"checkpoint_path": checkpoint_path,
+                                        "threads": layout.threads},
         batch_size=ENCODE_BATCH, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=layout.count),
+        num_gpus=1 if layout.gpu else 0, num_cpus=layout.cpus,
     ).to_pandas()
     if len(latents) != n_discs:
         raise RuntimeError(f"encoded {len(latents)} discs but {discs_path} has {n_discs}")

@@ -15,6 +15,7 @@ the last one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import tempfile
 import time
@@ -25,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import resources
 from pipeline.config import Config
 from pipeline.data import checkpoints, storage, tables
 from pipeline.progress import WorkerProgress, send
-from pipeline.resources import worker_layout
 from pipeline.shape.model import (
     DiscAutoencoder,
     as_input,
@@ -414,7 +415,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
 
     A run with the same storage_path and name resumes from its last checkpoint (a finished
     run returns at once). max_epochs and plateau (early stop) override the config for sweeps;
-    cpus_per_worker defaults to cluster.worker_layout's share. progress=None prints nothing (a
+    cpus_per_worker defaults to resources.training's share. progress=None prints nothing (a
     sweep's trials report through Tune instead).
     """
     from ray.data import ExecutionOptions
@@ -422,6 +423,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
     from ray.train.torch import TorchTrainer
 
     spec = TrainSpec.from_config(cfg, bottleneck, max_epochs, plateau)
+    storage_path = storage.absolute(storage_path)
     say = progress or (lambda _: None)
     workers = cfg.autoencoder.num_workers
     if workers < 1:
@@ -431,20 +433,20 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
     if n_discs < workers:
         raise ValueError(f"{discs_path} has {n_discs} training reference discs, fewer than the "
                          f"{workers} workers")
-    workers, use_gpu, layout_cpus = worker_layout(workers)
-    cpus_per_worker = layout_cpus if cpus_per_worker is None else cpus_per_worker
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    say(f"autoencoder k={bottleneck}: {n_discs} training discs, {workers} worker(s) "
-        f"{'on GPU' if use_gpu else f'on {cpus_per_worker:g} CPU each'}, "
+    layout = resources.training(cfg.resources, workers)
+    if cpus_per_worker is not None:
+        layout = dataclasses.replace(layout, cpus=cpus_per_worker,
+                                     threads=max(1, int(cpus_per_worker)))
+    say(f"autoencoder k={bottleneck}: {n_discs} training discs, {layout.count} worker(s) on "
+        f"{'a GPU and ' if layout.gpu else ''}{layout.cpus:g} CPU each, "
         f"up to {spec.max_epochs} epochs")
     with WorkerProgress(progress) as sink:
         trainer = TorchTrainer(
             _train_loop_per_worker,
-            train_loop_config={"spec": spec, "threads": max(1, int(cpus_per_worker)),
-                               "progress": sink},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=name, storage_path=storage.absolute(storage_path),
+            train_loop_config={"spec": spec, "threads": layout.threads, "progress": sink},
+            scaling_config=ScalingConfig(num_workers=layout.count, use_gpu=layout.gpu,
+                                         resources_per_worker=layout.resources()),
+            run_config=RunConfig(name=name, storage_path=storage_path,
                                  callbacks=callbacks,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=2)),
@@ -461,7 +463,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
     if result.checkpoint is None or summary is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
     outcome = AutoencoderResult(
-        checkpoint_path=result.checkpoint.path, bottleneck=int(bottleneck),
+        checkpoint_path=checkpoints.location(result.checkpoint, storage_path), bottleneck=int(bottleneck),
         mean_iou=summary["mean_iou"], iou_ci_low=summary["iou_ci_low"],
         iou_ci_high=summary["iou_ci_high"], epochs=summary["epochs"],
         converged=summary["converged"], stopped_early=summary["stopped_early"], wall_s=wall_s,
