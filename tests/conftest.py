@@ -12,8 +12,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SPIDER_MASK = SHARED / "fixtures" / "spider" / "masks" / "1_t1.mha"
+# Inside the repository (see its README): a test never reads outside the checkout.
+SPIDER_MASK = Path(__file__).resolve().parent / "data" / "spider" / "masks" / "1_t1.mha"
 
 
 @pytest.fixture(scope="session")
