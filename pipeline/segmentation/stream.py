@@ -68,13 +68,13 @@ class ExtractionResult:
     stats: DatasetStatsSummary | None = None
 
 
-def read_series(row: dict) -> dict:
+def read_series(row: dict, max_voxels: int = volumes.MAX_VOXELS) -> dict:
     """Stage 1a: one series -> its native image and reference mask, and what is needed to write
     a prediction back in the file's own orientation. Bad input -> the same keys, empty arrays
     and `error`/`file` filled in."""
     base = {key: str(row[key]) for key in _PASSED}
     try:
-        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"])
+        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"], max_voxels)
         validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
     except validate.BadInput as err:
         return {**base, "error": str(err), "file": err.file,
@@ -101,10 +101,11 @@ def preprocess_series(sample: dict, seg: SegmentationConfig) -> dict:
     return {**out, "image": preprocess.preprocess_image(image, grid), **grid.to_record()}
 
 
-def load_series(row: dict, seg: SegmentationConfig) -> dict:
+def load_series(row: dict, seg: SegmentationConfig, max_voxels: int = volumes.MAX_VOXELS
+                ) -> dict:
     """Stage 1: one series -> the preprocessed image, the native reference mask and what is
     needed to map a prediction back and write it (read_series, then preprocess_series)."""
-    return preprocess_series(read_series(row), seg)
+    return preprocess_series(read_series(row, max_voxels), seg)
 
 
 class Segmenter:
@@ -247,7 +248,8 @@ def extract_series(sample: dict, cfg: Config, out: str) -> dict:
 def process_series(row: dict, segmenter: Segmenter, cfg: Config, out: str) -> dict:
     """All three stages for one series in this process: the sequential path."""
     seg = segmodels.config_from_meta(segmenter.meta)
-    return extract_series(segmenter.segment(load_series(row, seg)), cfg, out)
+    return extract_series(segmenter.segment(load_series(row, seg, cfg.inputs.max_voxels)), cfg,
+                          out)
 
 
 def actor_layout() -> dict:
@@ -312,7 +314,7 @@ def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out:
     rows = series[[*_PASSED, "image_uri", "mask_uri"]].astype(str).to_dict("records")
     stream = (
         ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        .map(read_series)
+        .map(read_series, fn_kwargs={"max_voxels": cfg.inputs.max_voxels})
         .map(preprocess_series, fn_kwargs={"seg": seg})
         .map_batches(
             Segmenter, batch_size=1,
