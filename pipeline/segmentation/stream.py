@@ -23,6 +23,7 @@ arguments are deprecated in 2.60.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import ray
 import torch
 from monai.inferers import sliding_window_inference
 
-from pipeline import stats
+from pipeline import faults, stats
 from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, tables, validate, volumes
 from pipeline.discs import geometry, isolate
@@ -122,6 +123,7 @@ class Segmenter:
         self.roi_size = tuple(segmodels.config_from_meta(self.meta).roi_size)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
+        self.calls = 0  # batches segmented by this actor process, for the fault tests
 
     def probability(self, image: np.ndarray) -> np.ndarray:
         """Disc probability (float32) on the padded model grid of one preprocessed volume."""
@@ -142,6 +144,8 @@ class Segmenter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.segment({k: v[i] for k, v in batch.items()})
                 for i in range(len(batch["series_id"]))]
+        self.calls += 1
+        faults.point(f"segmenter call {self.calls}")  # dies with the batch's result unsent
         return {k: _column([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -336,6 +340,7 @@ def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out:
             errors.append({"stage": "extract", "file": record["file"],
                            "series_id": record["series_id"], "reason": record["error"]})
         records.append(record)
+        faults.point(f"extraction record {len(records)}", signal.SIGINT)  # as Ctrl-C would
         if progress is not None and (len(records) % 5 == 0 or len(records) == len(rows)):
             progress(f"extraction: {len(records)}/{len(rows)} series, "
                      f"{time.perf_counter() - started:.0f} s")

@@ -39,6 +39,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
+from pipeline import faults
 from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, validate
 from pipeline.data.volumes import MAX_VOXELS
@@ -185,6 +186,8 @@ def train_loop_per_worker(config: dict) -> dict:
                      f"{metrics['train_loss']:.3f}, val Dice {metrics['val_dice']:.3f}, IoU "
                      f"{metrics['val_iou']:.3f} (best {state['best_val_iou']:.3f} at epoch "
                      f"{state['best_epoch']}), {metrics['seconds']:.1f} s")
+            # dies with this epoch's checkpoint unreported: the restart resumes from the last one
+            faults.point(f"segtrain rank {rank} epoch {state['epoch']}")
             ray.train.report(metrics, checkpoint=checkpoint)
     return state
 
