@@ -105,18 +105,21 @@ def test_an_interrupted_job_resumes_to_the_same_tables(small_cohort, tmp_path, r
                                                        fault_marker):
     root, _ = small_cohort
     out = tmp_path / "out"
+    # The job joins the session's Ray: a second Ray starting on a loaded machine timed out
+    # ("The current node timed out during startup") before the job wrote anything.
     command = [sys.executable, "jobs/run_pipeline.py", "--data", str(root), "--out", str(out),
-               "--stages", "catalog,segtrain,extract"]
+               "--stages", "catalog,segtrain,extract",
+               "--address", ray_session.get_runtime_context().gcs_address]
     command += [a for item in FAST for a in ("--set", item)]
     # Ctrl-C once the first of five series is back: the others in flight or not yet read
     fault_marker.write_text("extraction record 1")
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)
     try:
-        output, _ = job.communicate(timeout=300)
+        output, _ = job.communicate(timeout=1200)  # a hang guard only: catalog, 1 epoch, extract
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)  # the Ray processes this job started
+            os.killpg(job.pid, signal.SIGKILL)  # a job still running at the timeout
         job.wait()
     assert not fault_marker.exists(), f"the job never reached the fault point:\n{output}"
     assert job.returncode == 130, output
