@@ -20,6 +20,13 @@ class SyntheticConfig:
 
 
 @dataclass
+class InputConfig:
+    # A volume whose header declares more voxels is refused before its pixels are allocated
+    # (2**30: 4 GiB as float32, far above any MRI series).
+    max_voxels: int = 2**30
+
+
+@dataclass
 class SegmentationConfig:
     model: str = "unet"  # "unet" (CPU demo) | "swinunetr" (paper, SwinUNETR-V2)
     feature_size: int = 48  # SwinUNETR only; must be divisible by 12
@@ -107,6 +114,7 @@ class Config:
     seed: int = 0
     sequence: str = "t1"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    inputs: InputConfig = field(default_factory=InputConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     discs: DiscConfig = field(default_factory=DiscConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)

@@ -6,6 +6,11 @@ patients keep their files, overview rows (subset included, so the patient split 
 gradings, so every good series must come out exactly as it does from the clean cohort.
 `CASES` says, per bad input, which stage must quarantine it, which file it must name and words
 the reason must contain.
+
+Three headers are planted as an attacker would: an image whose ElementDataFile is an absolute path
+and a mask whose ElementDataFile climbs out with `../`, both to valid pixel data of the right size
+outside the corpus (SimpleITK, left alone, reads it and the job segments it), and an image whose
+DimSize declares more voxels than the run's `inputs.max_voxels` (MAX_VOXELS).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import SimpleITK as sitk
 
 from pipeline.data import labels, volumes
 
@@ -31,6 +37,10 @@ class Case:
 
 
 SOURCE = "1_t1"  # the good series the bad volumes are made from
+OUTSIDE = "outside"  # beside the corpus root: where the planted headers point
+SECRET = b"PLANTED-SECRET-3f9c2a71d8e64b05"  # starts the pixel file outside the corpus
+MAX_VOXELS = 10_000_000  # the run's inputs.max_voxels; the synthetic volumes hold ~2.7 million
+OVERSIZED = "400 400 400"  # the DimSize planted in 115_t1: 64 million voxels
 CASES = [
     Case("truncated .mha", "extract", "images/101_t1.mha", ("not a readable image",), "101_t1"),
     Case("not an image at all", "extract", "images/102_t1.mha", ("not a readable image",), "102_t1"),
@@ -50,6 +60,13 @@ CASES = [
     # MetaIO reads a negative spacing as a flipped axis: the mask then lies elsewhere in space.
     Case("negative spacing in the mask header", "extract", "masks/112_t1.mha",
          ("mask lies elsewhere in space",), "112_t1"),
+    Case("ElementDataFile is an absolute path", "extract", "images/113_t1.mha",
+         ("refused", "elementdatafile points to '/", f"{OUTSIDE}/113_t1_image.raw'",
+          "must hold its own pixels"), "113_t1"),
+    Case("ElementDataFile climbs out with ../", "extract", "masks/114_t1.mha",
+         ("refused", f"elementdatafile points to '../../{OUTSIDE}/114_t1_mask.raw'"), "114_t1"),
+    Case("DimSize over inputs.max_voxels", "extract", "images/115_t1.mha",
+         ("refused", "declares 64000000 voxels", f"limit of {MAX_VOXELS}"), "115_t1"),
     Case("overview.csv names files that don't exist", "catalog", "overview.csv",
          ("names series 120_t1", "neither"), "120_t1"),
     Case("overview.csv name with ../", "catalog", "overview.csv",
@@ -104,9 +121,18 @@ def make_corpus(root: Path, clean: Path) -> Path:
     pair("109_t1", image_array=non_finite)
     pair("110_t1", image_array=np.full_like(image.array, 7))
     pair("111_t1")
-    _patch_spacing(images / "111_t1.mha", lambda s: ["0", *s[1:]])
+    _patch_header(images / "111_t1.mha", "ElementSpacing", lambda s: ["0", *s[1:]])
     pair("112_t1")
-    _patch_spacing(masks / "112_t1.mha", lambda s: [s[0], f"-{s[1]}", s[2]])
+    _patch_header(masks / "112_t1.mha", "ElementSpacing", lambda s: [s[0], f"-{s[1]}", s[2]])
+    outside = root.parent / OUTSIDE
+    pair("113_t1")
+    point_pixels_elsewhere(images / "113_t1.mha", str(outside / "113_t1_image.raw"),
+                           outside / "113_t1_image.raw", marker=SECRET)
+    pair("114_t1")
+    point_pixels_elsewhere(masks / "114_t1.mha", f"../../{OUTSIDE}/114_t1_mask.raw",
+                           outside / "114_t1_mask.raw")
+    pair("115_t1")
+    _patch_header(images / "115_t1.mha", "DimSize", lambda _: OVERSIZED.split())
 
     overview = pd.read_csv(root / "overview.csv", dtype=str, keep_default_na=False)
     template = overview.iloc[0].to_dict()
@@ -137,13 +163,27 @@ def gradings_missing_columns(root: Path, clean: Path) -> Path:
     return root
 
 
-def _patch_spacing(path: Path, change) -> None:
-    """Rewrite the ElementSpacing line of a .mha header in place (the header is plain text):
-    `change` maps the list of spacing strings to the new one."""
+def point_pixels_elsewhere(path: Path, data_file: str, pixels_at: Path, marker: bytes = b""
+                           ) -> None:
+    """Rewrite a .mha so that its header's ElementDataFile is `data_file`, and move its pixel
+    bytes (uncompressed, the first ones replaced by `marker`) to `pixels_at`, where `data_file`
+    leads: a reader that follows the header loads a valid volume from outside the dataset."""
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(path), useCompression=False)
+    data = path.read_bytes()
+    local = b"ElementDataFile = LOCAL\n"
+    start = data.index(local) + len(local)
+    pixels_at.parent.mkdir(parents=True, exist_ok=True)
+    pixels_at.write_bytes(marker + data[start + len(marker):])
+    path.write_bytes(data[: data.index(local)] + f"ElementDataFile = {data_file}\n".encode())
+
+
+def _patch_header(path: Path, key: str, change) -> None:
+    """Rewrite one `key = values` line of a .mha header in place (the header is plain text):
+    `change` maps the list of value strings to the new one."""
     data = path.read_bytes()
     head_end = data.index(b"ElementDataFile")
     head = data[:head_end].decode()
-    old = re.search(r"ElementSpacing = ([^\n]*)", head)
+    old = re.search(rf"{key} = ([^\n]*)", head)
     new = " ".join(change(old.group(1).split()))
     head = head[: old.start(1)] + new + head[old.end(1):]
     path.write_bytes(head.encode() + data[head_end:])

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import faults
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SPIDER_MASK = SHARED / "fixtures" / "spider" / "masks" / "1_t1.mha"
+# Inside the repository (see its README): a test never reads outside the checkout.
+SPIDER_MASK = Path(__file__).resolve().parent / "data" / "spider" / "masks" / "1_t1.mha"
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +26,17 @@ def spider_mask_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def fault_marker(tmp_path_factory) -> Path:
+    """Where a fault test writes the point at which a process must signal itself
+    (pipeline.faults). Named in the environment before Ray starts, so every Ray worker and
+    every job a test starts inherits it; absent, it injects nothing."""
+    marker = tmp_path_factory.mktemp("faults") / "marker"
+    os.environ[faults.MARKER_ENV] = str(marker)
+    return marker
+
+
+@pytest.fixture(scope="session")
+def ray_session(fault_marker):
     """One local Ray for the whole session (start-up costs about 4 s here)."""
     import ray
 

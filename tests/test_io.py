@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,59 @@ def test_bad_files_raise_clear_errors(tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.mha"):
         read_volume(str(truncated))
+
+
+def _mhd(tmp_path, data_file: str | None = None):
+    """A small .mhd beside its .raw pixel file; `data_file` rewrites where its header points."""
+    ras = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    path = tmp_path / "vol.mhd"
+    write_volume(str(path), ras, make_header(ras.shape, (1.0, 2.0, 3.0)))
+    if data_file is not None:
+        head, _, _ = path.read_text().rpartition("ElementDataFile = ")
+        path.write_text(f"{head}ElementDataFile = {data_file}\n")
+    return path, ras
+
+
+@pytest.mark.parametrize("data_file, reason", [
+    ("/etc/passwd", "points to '/etc/passwd', outside its own folder"),
+    ("../vol.zraw", "points to '../vol.zraw', outside its own folder"),
+    ("sub/vol.zraw", "points to 'sub/vol.zraw', outside its own folder"),
+    ("LIST", "names a list or pattern of files ('LIST')"),
+    ("vol%03d.zraw 1 3 1", "names a list or pattern of files"),
+])
+def test_a_mhd_may_name_only_a_file_in_its_own_folder(tmp_path, data_file, reason):
+    path, _ = _mhd(tmp_path, data_file)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: refused: .*"
+                                         rf"{re.escape(reason)}"):
+        read_volume(str(path))
+
+
+def test_a_mha_must_hold_its_own_pixels(tmp_path):
+    write_volume(str(tmp_path / "vol.mhd"), np.ones((4, 5, 6), np.int16),
+                 make_header((4, 5, 6), (1.0, 1.0, 1.0)))
+    head = (tmp_path / "vol.mhd").read_text()
+    (tmp_path / "vol.mha").write_text(head)  # names vol.zraw beside it: a .mha may not
+    with pytest.raises(ValueError, match=r"vol\.mha: refused: .*points to 'vol\.zraw'.*"
+                                         r"ElementDataFile = LOCAL"):
+        read_volume(str(tmp_path / "vol.mha"))
+
+
+def test_a_mhd_reads_its_pixel_file_locally_and_from_a_uri(tmp_path):
+    path, ras = _mhd(tmp_path)
+    np.testing.assert_array_equal(read_volume(str(path)).array, ras)
+    np.testing.assert_array_equal(read_volume(path.as_uri()).array, ras)  # file:// URI
+
+
+def test_a_volume_over_the_voxel_limit_is_refused_before_reading(tmp_path):
+    path = tmp_path / "vol.mha"
+    write_volume(str(path), np.ones((4, 5, 6), np.uint8), make_header((4, 5, 6), (1, 1, 1)))
+    with pytest.raises(ValueError, match=r"vol\.mha: refused: its header declares 120 voxels "
+                                         r".*more than the limit of 119"):
+        read_volume(str(path), max_voxels=119)
+    assert read_volume(str(path), max_voxels=120).array.shape == (4, 5, 6)
+    # 2**30 + 2**20 voxels declared over a few bytes of pixels: refused by the default limit
+    # from the header alone, never allocated
+    path.write_bytes(re.sub(rb"DimSize = [^\n]*", b"DimSize = 1024 1024 1025", path.read_bytes(),
+                            count=1))
+    with pytest.raises(ValueError, match=r"declares 1074790400 voxels .*limit of 1073741824"):
+        read_volume(str(path))

@@ -27,7 +27,9 @@ from tests.test_end_to_end import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_SERIES = [f"{p}_t1" for p in range(1, 7)]
-SETTINGS = [a for item in TINY for a in ("--set", item)]
+SETTINGS = [a for item in [*TINY, f"inputs.max_voxels={bad_inputs.MAX_VOXELS}"]
+            for a in ("--set", item)]
+PLANTED = ["113_t1", "114_t1", "115_t1"]  # headers pointing outside the corpus, or oversized
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,21 @@ def test_bad_volumes_have_no_metrics_or_predictions(corrupt_run):
     assert len(bad) and (bad["error"] != "").all() and bad["dice"].isna().all()
     predicted = {p.stem.removesuffix(".mha") for p in (out / "predictions").glob("*.mha")}
     assert predicted == set(GOOD_SERIES)
+
+
+def test_planted_headers_leak_nothing_into_the_outputs(corrupt_run):
+    """The files the planted headers point to are never read into a table, a prediction, a log
+    line or a checkpoint."""
+    out, _ = corrupt_run
+    for name in (tables.DISCS, tables.LATENTS):
+        found = pd.read_parquet(tables.path(str(out), name), columns=["series_id"])
+        assert not set(found["series_id"]) & set(PLANTED), name
+    metrics = pd.read_parquet(tables.path(str(out), tables.SEGMENTATION_METRICS))
+    planted = metrics[metrics["series_id"].isin(PLANTED)]
+    assert sorted(planted["series_id"]) == PLANTED and planted["dice"].isna().all()
+    assert not [p for p in (out / "predictions").iterdir() if p.stem in PLANTED]
+    leaked = [p for p in out.rglob("*") if p.is_file() and bad_inputs.SECRET in p.read_bytes()]
+    assert not leaked
 
 
 def test_training_loader_skips_bad_volumes_with_the_reason(cohorts):

@@ -4,12 +4,22 @@ This is the only module that touches direction matrices or affines. Every array 
 axis 0 pointing Right, axis 1 Anterior and axis 2 Superior, with the spacing in mm in the same
 order; a `Header` keeps what is needed to write a result back in the file's own orientation.
 Oblique directions are snapped to the nearest axes (no resampling), as TorchIO's ToCanonical does.
+
+A MetaImage header names the file its pixels live in (`ElementDataFile`) and SimpleITK follows
+it, so a hostile `.mha` could load any file the job can read as voxels and write it back out as a
+prediction. Every header is therefore checked before SimpleITK opens it: a `.mha` must hold its
+own pixels, a `.mhd` may name only one file in its own folder, and no volume may declare more
+voxels than `max_voxels` (checked before any pixel buffer is allocated).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import re
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -17,9 +27,12 @@ import nibabel.orientations as nio
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.config import InputConfig
 from pipeline.data import storage
 
 SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz")
+MAX_VOXELS = InputConfig.max_voxels  # the readers' default; jobs pass the config's
+_META_HEADER_BYTES = 65536  # real MetaImage headers are well under 1 KiB
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
@@ -97,16 +110,79 @@ def make_header(
     return Header(affine=affine, stored_shape=stored_shape)
 
 
-def read_volume(path: str) -> Volume:
+def _element_data_file(path: str, head: bytes) -> str:
+    """Where a MetaImage header says its pixels are: the value of its first ElementDataFile
+    line (MetaIO stops reading the header there, and the pixel data, if local, begins)."""
+    for line in head.decode("latin-1").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().lower() == "elementdatafile":
+            return value.strip()
+    raise ValueError(f"{path}: not a readable image (no ElementDataFile line in the first "
+                     f"{_META_HEADER_BYTES} bytes of its MetaImage header)")
+
+
+def _companion(path: str, suffix: str, target: str) -> str | None:
+    """The file beside a `.mhd` that holds its pixels (None: they follow the header), or a
+    ValueError naming the file and where its header points when that is anywhere else."""
+    if target in ("LOCAL", "Local", "local"):  # the spellings MetaIO takes for "right here"
+        return None
+    if suffix == ".mha":
+        raise ValueError(f"{path}: refused: its header's ElementDataFile points to {target!r}; "
+                         "a .mha must hold its own pixels (ElementDataFile = LOCAL)")
+    if target.upper().startswith("LIST") or " " in target or "%" in target:
+        raise ValueError(f"{path}: refused: its header's ElementDataFile names a list or "
+                         f"pattern of files ({target!r}); a .mhd may name one file beside it")
+    if "/" in target or "\\" in target or target in ("", ".", ".."):
+        raise ValueError(f"{path}: refused: its header's ElementDataFile points to {target!r}, "
+                         "outside its own folder; a .mhd may name only a file beside it")
+    return target
+
+
+def _read_head(path: str) -> bytes:
+    fs, location = storage.filesystem(path)
+    with fs.open_input_stream(location) as f:
+        return f.read(_META_HEADER_BYTES)
+
+
+@contextlib.contextmanager
+def _checked_local_copy(path: str, suffix: str) -> Iterator[str]:
+    """A local path SimpleITK may open: a MetaImage's header is checked first for where its
+    pixels live, and a `.mhd` read from a URI comes with its pixel file."""
+    companion = None
+    if suffix in (".mha", ".mhd"):
+        companion = _companion(path, suffix, _element_data_file(path, _read_head(path)))
+    if companion is None or not storage.is_uri(path):
+        with storage.local_copy(path, suffix) as local:
+            yield local
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "volume" + suffix)
+        sibling = storage.join(path.rsplit("/", 1)[0], companion)
+        for source, target in ((path, local), (sibling, os.path.join(tmp, companion))):
+            with open(target, "wb") as f:
+                f.write(storage.read_bytes(source))
+        yield local
+
+
+def read_volume(path: str, max_voxels: int = MAX_VOXELS) -> Volume:
     """Read a volume from a local path or URI into canonical RAS.
 
     Raises ValueError naming the file for anything that is not a readable 3D image with a
-    positive, finite spacing.
+    positive, finite spacing, for a MetaImage header that points at any file but its own pixels,
+    and for a volume of more than `max_voxels` voxels (before its pixels are allocated).
     """
     suffix = _suffix(path)
     try:
-        with storage.local_copy(str(path), suffix) as local:
-            image = sitk.ReadImage(local)
+        with _checked_local_copy(str(path), suffix) as local:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(local)
+            reader.ReadImageInformation()  # the header alone: no pixel buffer yet
+            size = reader.GetSize()
+            if math.prod(size) > max_voxels:
+                raise ValueError(f"{path}: refused: its header declares {math.prod(size)} voxels "
+                                 f"(size {size}), more than the limit of {max_voxels} "
+                                 "(inputs.max_voxels)")
+            image = reader.Execute()
     except (RuntimeError, OSError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines()]
         # ITK's own reason ("ITK ERROR: MetaImageIO(0x...): ..."), not the C++ source location.
@@ -149,8 +225,6 @@ def write_volume(path: str, array: np.ndarray, header: Header) -> None:
     image.SetDirection(tuple(float(d) for d in (lps[:3, :3] / spacing).ravel()))
     image.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
     if storage.is_uri(path):
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             local = f"{tmp}/volume{suffix}"
             sitk.WriteImage(image, local, useCompression=True)

@@ -35,13 +35,15 @@ PAD_MULTIPLE = 32
 PERCENTILES = (0.5, 99.5)  # robust to the bright fat and dark air that dominate an MR volume
 
 
-def read_pair(image_uri: str, mask_uri: str) -> tuple[volumes.Volume, volumes.Volume]:
-    """Read an image and its reference mask into RAS; an unreadable file is a BadInput naming
-    it. Whether the pair is fit to use is `validate.check_series`'s question."""
+def read_pair(image_uri: str, mask_uri: str, max_voxels: int = volumes.MAX_VOXELS
+              ) -> tuple[volumes.Volume, volumes.Volume]:
+    """Read an image and its reference mask into RAS; an unreadable or refused file (a header
+    pointing at other files, too many voxels) is a BadInput naming it. Whether the pair is fit
+    to use is `validate.check_series`'s question."""
     pair = []
     for uri in (image_uri, mask_uri):
         try:
-            pair.append(volumes.read_volume(uri))
+            pair.append(volumes.read_volume(uri, max_voxels))
         except ValueError as err:
             raise BadInput(uri, str(err)) from err
     image, mask = pair

@@ -24,6 +24,7 @@ arguments are deprecated in 2.60.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import ray
 import torch
 from monai.inferers import sliding_window_inference
 
-from pipeline import resources, stats
+from pipeline import faults, resources, stats
 from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, tables, validate, volumes
 from pipeline.discs import geometry, isolate
@@ -69,13 +70,13 @@ class ExtractionResult:
     stats: DatasetStatsSummary | None = None
 
 
-def read_series(row: dict) -> dict:
+def read_series(row: dict, max_voxels: int = volumes.MAX_VOXELS) -> dict:
     """Stage 1a: one series -> its native image and reference mask, and what is needed to write
     a prediction back in the file's own orientation. Bad input -> the same keys, empty arrays
     and `error`/`file` filled in."""
     base = {key: str(row[key]) for key in _PASSED}
     try:
-        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"])
+        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"], max_voxels)
         validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
     except validate.BadInput as err:
         return {**base, "error": str(err), "file": err.file,
@@ -102,10 +103,11 @@ def preprocess_series(sample: dict, seg: SegmentationConfig) -> dict:
     return {**out, "image": preprocess.preprocess_image(image, grid), **grid.to_record()}
 
 
-def load_series(row: dict, seg: SegmentationConfig) -> dict:
+def load_series(row: dict, seg: SegmentationConfig, max_voxels: int = volumes.MAX_VOXELS
+                ) -> dict:
     """Stage 1: one series -> the preprocessed image, the native reference mask and what is
     needed to map a prediction back and write it (read_series, then preprocess_series)."""
-    return preprocess_series(read_series(row), seg)
+    return preprocess_series(read_series(row, max_voxels), seg)
 
 
 class Segmenter:
@@ -122,6 +124,7 @@ class Segmenter:
         self.roi_size = tuple(segmodels.config_from_meta(self.meta).roi_size)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
+        self.calls = 0  # batches segmented by this actor process, for the fault tests
 
     def probability(self, image: np.ndarray) -> np.ndarray:
         """Disc probability (float32) on the padded model grid of one preprocessed volume."""
@@ -142,6 +145,8 @@ class Segmenter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.segment({k: v[i] for k, v in batch.items()})
                 for i in range(len(batch["series_id"]))]
+        self.calls += 1
+        faults.point(f"segmenter call {self.calls}")  # dies with the batch's result unsent
         return {k: _column([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -248,7 +253,8 @@ def extract_series(sample: dict, cfg: Config, out: str) -> dict:
 def process_series(row: dict, segmenter: Segmenter, cfg: Config, out: str) -> dict:
     """All three stages for one series in this process: the sequential path."""
     seg = segmodels.config_from_meta(segmenter.meta)
-    return extract_series(segmenter.segment(load_series(row, seg)), cfg, out)
+    return extract_series(segmenter.segment(load_series(row, seg, cfg.inputs.max_voxels)), cfg,
+                          out)
 
 
 def _summary(metrics: pd.DataFrame) -> dict:
@@ -301,7 +307,7 @@ def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out:
     rows = series[[*_PASSED, "image_uri", "mask_uri"]].astype(str).to_dict("records")
     stream = (
         ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        .map(read_series)
+        .map(read_series, fn_kwargs={"max_voxels": cfg.inputs.max_voxels})
         .map(preprocess_series, fn_kwargs={"seg": seg})
         .map_batches(
             Segmenter, batch_size=1,
@@ -323,6 +329,7 @@ def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out:
             errors.append({"stage": "extract", "file": record["file"],
                            "series_id": record["series_id"], "reason": record["error"]})
         records.append(record)
+        faults.point(f"extraction record {len(records)}", signal.SIGINT)  # as Ctrl-C would
         if progress is not None and (len(records) % 5 == 0 or len(records) == len(rows)):
             progress(f"extraction: {len(records)}/{len(rows)} series, "
                      f"{time.perf_counter() - started:.0f} s")

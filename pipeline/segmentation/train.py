@@ -39,9 +39,10 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from pipeline import resources
+from pipeline import faults, resources
 from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, validate
+from pipeline.data.volumes import MAX_VOXELS
 from pipeline.progress import WorkerProgress, send
 from pipeline.segmentation import models as segmodels
 from pipeline.segmentation import preprocess
@@ -62,12 +63,13 @@ class SegmenterResult:
     skipped: list[dict] = dataclasses.field(default_factory=list)  # unreadable series: file, reason
 
 
-def load_training_volume(row: dict, target_spacing_mm, roi_size) -> dict:
+def load_training_volume(row: dict, target_spacing_mm, roi_size,
+                         max_voxels: int = MAX_VOXELS) -> dict:
     """Ray Data map: one series -> its preprocessed image and disc target on the model grid, or
     empty arrays and the reason when its files are unusable."""
     base = {"series_id": row["series_id"], "split": row["split"]}
     try:
-        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"])
+        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"], max_voxels)
         validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
     except validate.BadInput as err:
         return {**base, "error": str(err), "file": err.file,
@@ -183,6 +185,8 @@ def train_loop_per_worker(config: dict) -> dict:
                      f"{metrics['train_loss']:.3f}, val Dice {metrics['val_dice']:.3f}, IoU "
                      f"{metrics['val_iou']:.3f} (best {state['best_val_iou']:.3f} at epoch "
                      f"{state['best_epoch']}), {metrics['seconds']:.1f} s")
+            # dies with this epoch's checkpoint unreported: the restart resumes from the last one
+            faults.point(f"segtrain rank {rank} epoch {state['epoch']}")
             ray.train.report(metrics, checkpoint=checkpoint)
     return state
 
@@ -205,7 +209,8 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         .map(load_training_volume,
              fn_kwargs={"target_spacing_mm": tuple(seg.target_spacing_mm),
-                        "roi_size": tuple(seg.roi_size)})
+                        "roi_size": tuple(seg.roi_size),
+                        "max_voxels": cfg.inputs.max_voxels})
         .materialize()
     )
     status = volumes.select_columns(["series_id", "split", "error", "file"]).to_pandas()
