@@ -2,9 +2,12 @@
 decides what fails and where, not a timer racing the work.
 
 A test writes a point's name (say `segmenter call 2`) into a marker file and names that file in
-SPINE_DISCS_TEST_FAULT_MARKER before Ray starts, so every worker inherits it. The first process
-that reaches the point deletes the marker, then signals itself; the marker is gone when Ray
-restarts it, so the retry runs on. Without the variable (every real run) a point is one lookup.
+SPINE_DISCS_TEST_FAULT_MARKER before Ray starts, so every worker inherits it (a Ray Job gets it
+through its runtime_env). The marker may be a local path or, for a job on nodes that share no
+disk, a URI (`s3://bucket/faults/marker`). The first process that reaches the point deletes the
+marker, then signals itself; the marker is gone when Ray restarts it, so the retry runs on. A
+local deletion succeeds for one process only; on an object store, name a point that only one
+process reaches (a rank-0 point). Without the variable (every real run) a point is one lookup.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ def point(name: str, signum: int = signal.SIGKILL) -> None:
     marker = os.environ.get(MARKER_ENV)
     if not marker:
         return
+    import pyarrow.fs as pafs
+
+    fs, path = (pafs.FileSystem.from_uri(marker) if "://" in marker
+                else (pafs.LocalFileSystem(), marker))
     try:
-        with open(marker) as f:
-            if f.read().strip() != name:
+        with fs.open_input_stream(path) as f:
+            if f.read().decode().strip() != name:
                 return
-        os.remove(marker)  # only one process wins the removal: the fault happens once
+        fs.delete_file(path)  # the fault happens once: a restarted process finds no marker
     except FileNotFoundError:
         return
     os.kill(os.getpid(), signum)

@@ -167,17 +167,43 @@ def plan_trials(resources: dict, n_trials: int, nested: bool, num_workers: int =
     return TrialPlan(concurrency, {"cpu": trial_cpu}, max(1, int(per_worker)), per_worker)
 
 
+def torch_backend(layout: Layout) -> str:
+    """The process group backend for a training layout: NCCL only for GPU workers that can use
+    CUDA. A one-GPU probe task asks a GPU node: a granted GPU without CUDA behind it (a test
+    cluster's fake GPU, a broken driver) would fail NCCL's start-up, so such workers train on
+    their CPUs over gloo (and say so, see torch_device)."""
+    if not layout.gpu:
+        return "gloo"
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def has_cuda() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    if ray.get(has_cuda.remote()):
+        return "nccl"
+    logger.warning("the cluster's GPU nodes have no usable CUDA: training on their CPUs")
+    return "gloo"
+
+
 _said_no_cuda = False
 
 
-def torch_device():
+def torch_device(train_worker: bool = False):
     """CUDA when this process has it, else the CPU. A process Ray granted a GPU where CUDA is
-    unavailable (a test cluster's fake GPU, a broken driver) runs on the CPU and says so once."""
+    unavailable (a test cluster's fake GPU, a broken driver) runs on the CPU and says so once.
+    A Ray Train worker (`train_worker`) takes its own GPU among those its node's workers share."""
     import ray
     import torch
 
     global _said_no_cuda
     if torch.cuda.is_available():
+        if train_worker:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
         return torch.device("cuda")
     if not _said_no_cuda and ray.is_initialized() and ray.get_gpu_ids():
         _said_no_cuda = True

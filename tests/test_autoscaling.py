@@ -3,7 +3,8 @@ GPU node type with min_workers 0 (RAY_NOTES: "A local autoscaler, as it works he
 
 With resources.gpu=auto the extraction runs on CPUs and asks for no GPU; with require the
 Segmenter actors ask for one, the autoscaler launches the GPU node type, and they run there (on
-its CPU, saying once that CUDA is missing), while reading and preprocessing stay CPU tasks.
+its CPU, saying once that CUDA is missing), while reading and preprocessing stay CPU tasks. Ray
+Train workers asking for a GPU run on that node too, training on its CPU over gloo.
 
 The cluster is its own Ray (GCS on 6379, where the fake nodes join; its own temp dir), driven by
 a subprocess, apart from the session's shared Ray. Every process it starts inherits a marker in
@@ -54,7 +55,8 @@ CLUSTER = {
     "file_mounts_sync_continuously": False,
 }
 TINY = ["segmentation.unet_channels=4,8,16", "resources.cpus_per_gpu_worker=1",
-        "resources.gpu_wait_s=120"]
+        "resources.gpu_wait_s=120", "autoencoder.channels=4,8,16,32",
+        "autoencoder.train_splits=train,val"]
 
 
 def free_port() -> int:
@@ -113,20 +115,31 @@ def autoscaling_cluster():
         assert not left, f"processes of the fake cluster outlived it: {left}"
 
 
+def _new_actors(address: str, seen: set[str], name: str) -> list[dict]:
+    from ray.util.state import list_actors
+
+    return [{"node_id": a.node_id, "resources": a.required_resources}
+            for a in list_actors(address=address, detail=True, limit=10_000)
+            if a.actor_id not in seen and name in f"{a.repr_name} {a.class_name}"]
+
+
 def drive(address: str, out: str) -> None:
     """Run in a subprocess joined to the fake cluster: extraction of a two-patient cohort with an
-    untrained segmenter under "auto", then "require"; print what ran where as JSON."""
+    untrained segmenter under "auto", then "require", then two epochs of autoencoder training
+    on the discs found under "require"; print what ran where as JSON."""
     import dataclasses
+    import logging
 
     import ray
     from ray.util.state import list_actors
 
     from pipeline import config, resources
-    from pipeline.data import checkpoints
+    from pipeline.data import checkpoints, tables
     from pipeline.data.cohort import catalog
     from pipeline.data.synthetic import synthesize
     from pipeline.segmentation import models as segmodels
     from pipeline.segmentation import stream
+    from pipeline.shape.train import train_autoencoder
 
     ray.init(address=address, log_to_driver=False)
     synthesize(f"{out}/data", patients=2, seed=0, sequences=("t1",))
@@ -144,18 +157,27 @@ def drive(address: str, out: str) -> None:
         cfg.resources.gpu = intent
         seen = {a.actor_id for a in list_actors(address=address, limit=10_000)}
         result = stream.run_extraction(series, cfg, checkpoint, f"{out}/{intent}", progress=None)
-        segmenters = [a for a in list_actors(address=address, detail=True, limit=10_000)
-                      if a.actor_id not in seen and "Segmenter" in (a.repr_name or "")]
         report[intent] = {
             "series": len(result.metrics), "errors": len(result.errors),
             "operators": operators(result.stats),
-            "segmenters": [{"node_id": a.node_id, "resources": a.required_resources}
-                           for a in segmenters]}
+            "segmenters": _new_actors(address, seen, "Segmenter")}
+
+    # Ray Train on the fake GPU: NCCL cannot start without CUDA, so the workers must train on
+    # the GPU node's CPU over gloo, and the driver says why.
+    said = []
+    handler = logging.Handler()
+    handler.emit = said.append
+    logging.getLogger("pipeline.resources").addHandler(handler)
+    seen = {a.actor_id for a in list_actors(address=address, limit=10_000)}
+    trained = train_autoencoder(tables.path(f"{out}/require", tables.DISCS), cfg, bottleneck=3,
+                                storage_path=f"{out}/autoencoder", name="k3", progress=None,
+                                max_epochs=2)
+    report["training"] = {"epochs": trained.epochs,
+                          "workers": _new_actors(address, seen, "RayTrainWorker"),
+                          "said": [record.getMessage() for record in said]}
 
     @ray.remote(num_gpus=1)
     def device_twice() -> tuple[list[str], list[str]]:
-        import logging
-
         said = []
         handler = logging.Handler()
         handler.emit = said.append
@@ -202,6 +224,12 @@ def test_require_launches_a_gpu_node_and_the_segmenters_run_there(autoscaling_cl
     segmenter_ops = [op for op in require["operators"] if "Segmenter" in op]
     assert segmenter_ops and not any("read_series" in op for op in segmenter_ops)
     assert any("read_series" in op for op in require["operators"])
+    training = report["training"]
+    assert training["epochs"] == 2
+    assert training["workers"] and all(w["resources"].get("GPU") == 1
+                                       for w in training["workers"])
+    assert {w["node_id"] for w in training["workers"]} == gpu_nodes
+    assert any("no usable CUDA" in line for line in training["said"]), training["said"]
     # the fake GPU has no CUDA behind it: CPU, said once
     assert report["devices"] == ["cpu", "cpu"]
     assert len(report["said"]) == 1 and "CUDA is not available" in report["said"][0]

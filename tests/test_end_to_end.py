@@ -1,8 +1,8 @@
 """The whole job on a tiny synthetic cohort, submitted as a real Ray Job to a two-node local
 cluster, reading its cohort from and writing everything to S3 (a local S3-protocol server, moto):
 the Jobs API, a working directory and shared storage, as on a cluster. Every table, figure and
-report section lands in the bucket; segmentation training, killed once after epoch 2, resumes
-from its S3 checkpoint; a re-run skips every stage."""
+report section lands in the bucket; segmentation training, its rank-0 worker killed once after
+epoch 2, resumes from its S3 checkpoint; a re-run skips every stage."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from jobs import run_pipeline
+from pipeline import faults
 from pipeline.data import storage, tables
 from pipeline.data.synthetic import synthesize
 
@@ -128,21 +129,24 @@ def s3(tmp_path_factory):
         server.stop()
 
 
+FAULT_MARKER = f"s3://{BUCKET}/faults/marker"  # in the bucket: the nodes share no disk
+FAULT_POINT = "segtrain rank 0 epoch 2"  # killed before epoch 2's checkpoint is reported
+
+
 @pytest.fixture(scope="module")
 def finished_run(s3, two_node_cluster):
     """The tiny job through `ray job submit`'s API, S3 in and out, with segmentation training's
-    workers failing once after epoch 2 (tests/fault_hooks.py): (out, its arguments, final
-    status, logs)."""
+    rank-0 worker killed once after training epoch 2 (pipeline.faults): (out, its arguments,
+    final status, logs)."""
     out = f"s3://{BUCKET}/run"
     args = ["--data", f"s3://{BUCKET}/data", "--out", out] + [
         a for item in TINY for a in ("--set", item)]
+    storage.write_bytes(FAULT_MARKER, FAULT_POINT.encode())
     client = JobSubmissionClient(two_node_cluster)
     job = submit(client, entrypoint=" ".join([sys.executable, "jobs/run_pipeline.py", *args]),
                  runtime_env={"working_dir": str(REPO),
-                              "worker_process_setup_hook":
-                                  "tests.fault_hooks.segtrain_dies_once_after_epoch_2",
                               "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-                                           "FAULT_MARKERS": f"s3://{BUCKET}/faults", **s3}})
+                                           faults.MARKER_ENV: FAULT_MARKER, **s3}})
     deadline = time.monotonic() + 900
     while client.get_job_status(job) not in FINAL:
         assert time.monotonic() < deadline, "the job did not finish in 15 minutes"
@@ -219,13 +223,13 @@ def test_every_output_is_written(finished_run):
 def test_segmentation_training_resumed_from_its_s3_checkpoint(finished_run):
     out, _, status, logs = finished_run
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    markers = f"s3://{BUCKET}/faults"
-    assert storage.exists(storage.join(markers, "injected")), "the fault never fired"
-    resumed = json.loads(storage.read_bytes(storage.join(markers, "resumed.json")))
-    checkpoint = f"s3://{resumed['path']}"
+    assert not storage.exists(FAULT_MARKER), "the fault never fired"
     segtrain = _manifest(out)["stages"]["segtrain"]["results"]
     run = segtrain["checkpoint"].rsplit("/", 1)[0]
-    assert checkpoint.startswith(run + "/checkpoint_"), (checkpoint, run)
+    resumed = re.findall(r"segmentation: resuming after epoch (\d+) from (\S+)", logs)
+    assert len(resumed) == 1, logs[-3000:]
+    epoch, checkpoint = resumed[0]
+    assert epoch == "1" and checkpoint.startswith(run + "/checkpoint_"), (resumed, run)
     epochs = int(next(i.split("=")[1] for i in TINY if i.startswith("segmentation.epochs=")))
     assert segtrain["epochs"] == epochs
 

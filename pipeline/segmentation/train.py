@@ -37,7 +37,7 @@ from ray.train import (
     RunConfig,
     ScalingConfig,
 )
-from ray.train.torch import TorchTrainer, get_device, prepare_model
+from ray.train.torch import TorchConfig, TorchTrainer, prepare_model
 
 from pipeline import faults, resources
 from pipeline.config import Config, SegmentationConfig
@@ -124,8 +124,9 @@ def _validate(model, val_iterator, seg: SegmentationConfig, device) -> dict[str,
     return {"val_dice": float(totals[0]) / count, "val_iou": float(totals[1]) / count}
 
 
-def _resume_state(model, optimizer) -> dict:
-    """Training state from the checkpoint Ray hands a restarted run, else a fresh one."""
+def _resume_state(model, optimizer, config: dict) -> dict:
+    """Training state from the checkpoint Ray hands a restarted run (rank 0 says which), else a
+    fresh one."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return {"epoch": 0, "best_epoch": 0, "best_val_iou": -1.0, "best_val_dice": -1.0,
@@ -134,24 +135,28 @@ def _resume_state(model, optimizer) -> dict:
         getattr(model, "module", model).load_state_dict(checkpoints.read_state(folder))
         optimizer.load_state_dict(checkpoints.read_state(folder, checkpoints.OPTIMIZER_FILE))
         meta = checkpoints.read_meta(folder, "segmenter")
+    if ray.train.get_context().get_world_rank() == 0:
+        send(config.get("progress"), f"segmentation: resuming after epoch {meta['epoch']} from "
+             f"{checkpoints.location(checkpoint, config['storage_path'])}")
     return {key: meta[key] for key in ("epoch", "best_epoch", "best_val_iou", "best_val_dice",
                                        "history")}
 
 
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker loop. config: segmentation (asdict of SegmentationConfig), seed,
-    threads (torch threads for this worker's CPU share)."""
+    threads (torch threads for this worker's CPU share), progress (a WorkerProgress sink),
+    storage_path (the run's, to name the checkpoint a restart resumes from)."""
     seg = segmodels.config_from_meta(config)
     torch.set_num_threads(config["threads"])
     set_track_meta(False)  # plain tensors out of MONAI transforms
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"] + rank)
     random.seed(config["seed"] + rank)
-    device = get_device()
-    model = prepare_model(segmodels.build_segmenter(seg))
+    device = resources.torch_device(train_worker=True)
+    model = prepare_model(segmodels.build_segmenter(seg), move_to_device=device)
     optimizer = torch.optim.Adam(model.parameters(), lr=seg.lr)
     loss_fn = DiceCELoss(sigmoid=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
-    state = _resume_state(model, optimizer)
+    state = _resume_state(model, optimizer, config)
     transform = preprocess.training_transform(seg.roi_size, seg.crops_per_volume,
                                               seed=config["seed"] + 1000 * state["epoch"] + rank)
     train_shard = ray.train.get_dataset_shard("train")
@@ -232,9 +237,11 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"segmentation": dataclasses.asdict(seg), "seed": cfg.seed,
-                               "threads": layout.threads, "progress": sink},
+                               "threads": layout.threads, "progress": sink,
+                               "storage_path": storage.absolute(storage_path)},
             scaling_config=ScalingConfig(num_workers=layout.count, use_gpu=layout.gpu,
                                          resources_per_worker=layout.resources()),
+            torch_config=TorchConfig(backend=resources.torch_backend(layout)),
             run_config=RunConfig(
                 name=name, storage_path=storage.absolute(storage_path),
                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import tempfile
 import time
@@ -396,10 +397,11 @@ def _train_loop_per_worker(config: dict) -> dict:
                  f"mean IoU {metrics['mean_iou']:.4f}")
 
     restored = ray.train.get_checkpoint()
+    device = resources.torch_device(train_worker=True)
     with restored.as_directory() if restored else contextlib.nullcontext() as folder:
-        fit = train_cubes(cubes, spec, report=report, restore_dir=folder,
-                          device=ray.train.torch.get_device(),
-                          prepare=ray.train.torch.prepare_model,
+        fit = train_cubes(cubes, spec, report=report, restore_dir=folder, device=device,
+                          prepare=functools.partial(ray.train.torch.prepare_model,
+                                                    move_to_device=device),
                           gather=_gather_local if world == 1 else _all_gather, rank=rank)
     return {**fit_summary(fit), "history": [asdict(s) for s in fit.history],
             "threads": torch.get_num_threads()}
@@ -420,7 +422,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
     """
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = TrainSpec.from_config(cfg, bottleneck, max_epochs, plateau)
     storage_path = storage.absolute(storage_path)
@@ -446,6 +448,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
             train_loop_config={"spec": spec, "threads": layout.threads, "progress": sink},
             scaling_config=ScalingConfig(num_workers=layout.count, use_gpu=layout.gpu,
                                          resources_per_worker=layout.resources()),
+            torch_config=TorchConfig(backend=resources.torch_backend(layout)),
             run_config=RunConfig(name=name, storage_path=storage_path,
                                  callbacks=callbacks,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
