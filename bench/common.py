@@ -72,8 +72,10 @@ def init_ray(address: str | None = None) -> None:
     """A local Ray (every CPU of this machine) or the cluster at `address`, quietly."""
     import ray
 
+    from pipeline import resources
+
     ray.init(address=address, log_to_driver=False, include_dashboard=False,
-             configure_logging=False)
+             configure_logging=False, runtime_env=resources.runtime_env())
 
 
 def demo_checkpoint(manifest: Path = DEMO_MANIFEST) -> str:

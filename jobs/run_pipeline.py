@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as configuration  # noqa: E402
+from pipeline import resources  # noqa: E402
 from pipeline.analysis.report import package_versions  # noqa: E402
 from pipeline.data import storage  # noqa: E402
 from pipeline.run import stages as pipeline_stages  # noqa: E402
@@ -52,15 +53,16 @@ def connect_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=resources.runtime_env())
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", log_to_driver=False, configure_logging=False)
+        ray.init(address="local", log_to_driver=False, configure_logging=False,
+                 runtime_env=resources.runtime_env())
     quiet_ray_data_console()
-    resources = ray.cluster_resources()
+    total = ray.cluster_resources()
     print(f"ray: {'joined ' + address if address else 'embedded local Ray'}; "
-          f"{resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs, "
+          f"{total.get('CPU', 0):.0f} CPUs, {total.get('GPU', 0):.0f} GPUs, "
           f"{len(ray.nodes())} node(s)", flush=True)
 
 

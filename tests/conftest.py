@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import faults
+from pipeline import faults, resources
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# as every Ray worker of a job has it (pipeline.resources.WORKER_ENV), for the torch that tests
+# run in this process; read when torch loads, so set before any test imports it
+os.environ.setdefault("OMP_WAIT_POLICY", resources.WORKER_ENV["OMP_WAIT_POLICY"])
 
 # Inside the repository (see its README): a test never reads outside the checkout.
 SPIDER_MASK = Path(__file__).resolve().parent / "data" / "spider" / "masks" / "1_t1.mha"
@@ -42,6 +45,6 @@ def ray_session(fault_marker):
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, runtime_env=resources.runtime_env())
     yield ray
     ray.shutdown()

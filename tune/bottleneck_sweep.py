@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     args = parser.parse_args(argv)
     cfg = config_module.load(args.preset, args.overrides)
-    ray.init(address=args.address)
+    ray.init(address=args.address, runtime_env=resources.runtime_env())
     storage_path = args.storage or storage.join(storage.absolute(args.out), "ray")
     return run_sweep(args.discs, cfg, storage_path, args.out)
 
