@@ -226,8 +226,10 @@ def test_require_launches_a_gpu_node_and_the_segmenters_run_there(autoscaling_cl
     assert any("read_series" in op for op in require["operators"])
     training = report["training"]
     assert training["epochs"] == 2
-    assert training["workers"] and all(w["resources"].get("GPU") == 1
-                                       for w in training["workers"])
+    # a Train worker's resources are its placement group's: GPU_group_<id>
+    assert training["workers"] and all(
+        any(k.startswith("GPU") and v == 1 for k, v in w["resources"].items())
+        for w in training["workers"])
     assert {w["node_id"] for w in training["workers"]} == gpu_nodes
     assert any("no usable CUDA" in line for line in training["said"]), training["said"]
     # the fake GPU has no CUDA behind it: CPU, said once
