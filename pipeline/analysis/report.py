@@ -324,7 +324,9 @@ def _sweep(sweep: pd.DataFrame | None, iou_target: float) -> str:
                      "yes" if row.stopped_early else "no", f"{row.wall_s:.0f}",
                      "**chosen**" if row.chosen else "", str(row.note or "")])
     text = [_table(["bottleneck", "mean IoU (95% CI)", "epochs", "converged", "stopped early",
-                    "wall time (s)", "", "note"], rows), ""]
+                    "wall time (s)", "", "note"], rows), "",
+            "Mean IoU over every training disc after the last epoch; the CI resamples patients.",
+            ""]
     chosen = sweep[sweep.chosen.astype(bool)]
     if not sweep.converged.astype(bool).any():
         pick = f"bottleneck {int(chosen.bottleneck.iloc[0])}" if len(chosen) else "nothing"
