@@ -56,8 +56,8 @@ if TYPE_CHECKING:
 PREDICTIONS = "predictions"
 THRESHOLD = 0.5  # on the sigmoid probability
 METRIC_COLUMNS = [
-    "series_id", "patient_id", "split", "fold", "dice", "iou", "n_expected", "n_found", "n_unmatched",
-    "merged_ivd_labels", "split_ivd_labels", "n_reference_discs", "n_predicted_discs",
+    "series_id", "patient_id", "split", "fold", "dice", "iou", "n_expected", "n_found",
+    "n_unmatched", "merged_ivd_labels", "split_ivd_labels", "n_reference_discs", "n_predicted_discs",
     "skipped_discs", "error", "file",
 ]
 _PASSED = ("series_id", "patient_id", "split")
@@ -120,7 +120,7 @@ class Segmenter:
 
     checkpoints: one checkpoint for every series, or {fold: checkpoint} (cross-fitting), where
     a series is segmented by the checkpoint of its `fold` and nothing else. `meta` is the first
-    checkpoint's; all share its preprocessing (segmentation_config checks)."""
+    checkpoint's; all share its preprocessing (run_extraction checks)."""
 
     def __init__(self, checkpoints: str | Mapping[int, str], overlap: float,
                  sw_batch_size: int, threads: int | None = None):
@@ -157,7 +157,8 @@ class Segmenter:
         with torch.inference_mode():
             volume = torch.tensor(image, dtype=torch.float32)[None, None].to(self.device)
             logits = sliding_window_inference(volume, self.roi_size, self.sw_batch_size,
-                                              model or self.model, overlap=self.overlap,
+                                              self.model if model is None else model,
+                                              overlap=self.overlap,
                                               mode="gaussian")
             return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
 

@@ -8,6 +8,10 @@ across workers and summed with an all-reduce so every worker takes the same earl
 decision. Each epoch reports a checkpoint (model.pt, optimizer.pt, meta.json with the whole
 training state), so a restarted run with the same storage_path and name resumes where it was;
 Ray keeps the best by validation IoU plus the latest.
+
+`train_folds` cross-fits: one such run per fold of patients (pipeline.segmentation.folds), each
+trained and selected without the patients it will segment, and each checkpoint's meta.json
+records its fold and the patients it trained and selected on.
 """
 
 from __future__ import annotations
