@@ -76,7 +76,8 @@ def _extract(ctx: Context) -> StageOutcome:
     series = storage.read_table(ctx.table(tables.SERIES))
     segtrain = ctx.results["segtrain"]
     result = run_extraction(series, ctx.cfg, segmenters(segtrain), ctx.out, strict=ctx.strict,
-                            progress=ctx.progress, records=segtrain["folds"])
+                            progress=ctx.progress,
+                            segmenter_records=segtrain["folds"])
     return StageOutcome(results={"summary": result.summary},
                         counts={"series": len(result.metrics), "discs": result.n_discs},
                         errors=result.errors)

@@ -341,12 +341,12 @@ def _preprocessing(segmenters: str | Mapping[int, str]) -> SegmentationConfig:
 def run_extraction(series: pd.DataFrame, cfg: Config, segmenters: str | Mapping[int, str],
                    out: str, strict: bool = False,
                    progress: Callable[[str], None] | None = print,
-                   records: list[dict] | None = None) -> ExtractionResult:
+                   segmenter_records: list[dict] | None = None) -> ExtractionResult:
     """Segment every series and extract its discs, streaming with Ray Data.
 
     segmenters: one checkpoint for every series, or {fold: checkpoint} from cross-fitting, where
-    each series is segmented by the checkpoint of its `fold` column. records: the segmenters'
-    own records (fold, training_patients, selection_patients) for the out-of-sample summary.
+    each series is segmented by the checkpoint of its `fold` column. segmenter_records: the
+    segmenters' own records (fold, training_patients, selection_patients) for the out-of-sample summary.
     Writes `<out>/tables/discs.parquet/<series_id>.parquet`, `<out>/predictions/*.mha` and
     `<out>/tables/segmentation_metrics.parquet`. A series whose files are unusable is
     quarantined (an error, no disc rows) and the rest complete; `strict` raises ValueError on
@@ -397,7 +397,7 @@ def run_extraction(series: pd.DataFrame, cfg: Config, segmenters: str | Mapping[
     metrics = metrics.reset_index(drop=True)
     storage.write_table(metrics, tables.path(out, tables.SEGMENTATION_METRICS))
     _remove_stale(out, set(metrics.loc[metrics["error"] == "", "series_id"]))
-    summary = score_summary(metrics, records)
+    summary = score_summary(metrics, segmenter_records)
     if progress is not None:
         progress(f"extraction: {summary['split']} Dice {summary['dice']:.3f} "
                  f"({summary['dice_ci_low']:.3f}-{summary['dice_ci_high']:.3f}), IoU "
