@@ -142,3 +142,16 @@ def test_a_finished_fold_is_reused_not_trained_again(tmp_path):
     assert [r.fold for r in results] == [0, 1]
     assert all("not trained again" in line for line in lines if "fold" in line)
     assert sum("not trained again" in line for line in lines) == 2
+
+
+def test_the_extraction_summary_scores_only_out_of_sample_series():
+    metrics = pd.DataFrame({"series_id": [f"{p}_t1" for p in "1234"],
+                            "patient_id": list("1234"), "split": ["train", "val"] * 2,
+                            "fold": [0, 0, 1, 1], "dice": [0.9, 0.8, 0.7, 0.99],
+                            "iou": [0.8, 0.7, 0.6, 0.98], "error": ""})
+    records = [{"fold": 0, "training_patients": ["3"], "selection_patients": ["4"]},
+               {"fold": 1, "training_patients": ["1", "4"], "selection_patients": ["2"]}]
+    summary = stream.score_summary(metrics, records)
+    assert summary["split"] == "out-of-sample" and summary["n_series"] == 3  # not 4_t1
+    assert summary["dice"] == pytest.approx(0.8)
+    assert stream.score_summary(metrics)["split"] == "val"
