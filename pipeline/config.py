@@ -172,8 +172,9 @@ def demo() -> Config:
             crops_per_volume=4,
             lr=1e-2,
             inference_batch_size=4,  # 4 windows per forward pass: half the CPU time of 1
-            # Two folds: each segmenter trains on the other half of the patients, so the pair
-            # costs about what one segmenter on every patient would (plus one more start-up).
+            # Two folds: each segmenter trains on the other half of the patients (half the
+            # steps per epoch), so the pair should cost about one segmenter on every patient
+            # plus one more trainer start-up; more folds would each train on more patients.
             folds=2,
         ),
         discs=DiscConfig(cube_size=32, cube_spacing_mm=2.5),
