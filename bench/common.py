@@ -79,10 +79,10 @@ def init_ray(address: str | None = None) -> None:
 
 
 def demo_checkpoint(manifest: Path = DEMO_MANIFEST) -> str:
-    """The segmenter checkpoint recorded by a finished `make demo`."""
+    """A segmenter checkpoint recorded by a finished `make demo` (its first fold's)."""
     try:
         stages = json.loads(manifest.read_text())["stages"]
-        return stages["segtrain"]["results"]["checkpoint"]
+        return stages["segtrain"]["results"]["folds"][0]["checkpoint"]
     except (OSError, KeyError, ValueError) as err:
         raise SystemExit(f"no segmenter checkpoint in {manifest} ({err!r}): run `make demo` "
                          "first or pass --checkpoint") from err

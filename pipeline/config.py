@@ -39,6 +39,11 @@ class SegmentationConfig:
     crops_per_volume: int = 2
     lr: float = 1e-3
     val_fraction: float = 0.2  # used only when the cohort has no `subset` column
+    # K-fold cross-fitting by patient: K segmenters, fold k's trained and selected without the
+    # patients of fold k, which it alone segments, so every predicted mask is out-of-sample.
+    # 1 is an explicit opt-out: one segmenter segments the patients it trained on, and the
+    # report flags its predicted rows as in-sample.
+    folds: int = 5
     num_workers: int = 0  # 0: as many as the cluster can hold
     inference_batch_size: int = 1
     inference_overlap: float = 0.25
@@ -167,6 +172,10 @@ def demo() -> Config:
             crops_per_volume=4,
             lr=1e-2,
             inference_batch_size=4,  # 4 windows per forward pass: half the CPU time of 1
+            # Two folds: each segmenter trains on the other half of the patients (half the
+            # steps per epoch), so the pair should cost about one segmenter on every patient
+            # plus one more trainer start-up; more folds would each train on more patients.
+            folds=2,
         ),
         discs=DiscConfig(cube_size=32, cube_spacing_mm=2.5),
         # 32³ cubes, 4 stages (flatten 128·2³). BCE + Dice over one 400-epoch cycle peaking at
@@ -231,4 +240,7 @@ def load(preset: str = "demo", overrides: list[str] | None = None) -> Config:
     if cfg.resources.gpu not in GPU_INTENTS:
         raise ValueError(f"resources.gpu must be one of {', '.join(GPU_INTENTS)}; "
                          f"got {cfg.resources.gpu!r}")
+    if cfg.segmentation.folds < 1:
+        raise ValueError(f"segmentation.folds must be at least 1 (1: no cross-fitting, predicted "
+                         f"masks in-sample); got {cfg.segmentation.folds}")
     return cfg

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import config
+from pipeline import config, stats
 from pipeline.shape.model import DiscAutoencoder, disc_iou, load_model
 from pipeline.shape.train import (
     evaluate_ious,
@@ -126,6 +126,25 @@ def test_ray_train_lowers_the_loss_and_resumes_on_two_workers(tmp_path, ray_sess
     assert all(h["n_discs"] == 9 for h in resumed.history)
     assert resumed.checkpoint_path != first.checkpoint_path
     assert load_model(resumed.checkpoint_path)[1]["epochs"] == 6
+
+
+def test_the_iou_ci_resamples_patients_not_discs():
+    """Discs of one spine are not independent: with their patients known, the CI of the mean
+    IoU is the patient bootstrap every other CI uses, wider than the per-disc one here."""
+    cubes = _cubes(8)
+    patients = np.array(["1", "1", "1", "1", "2", "2", "3", "3"], dtype=object)
+    model, by_patient = _fit(cubes, max_epochs=2, groups=patients)
+    _, by_disc = _fit(cubes, max_epochs=2)
+    ious = evaluate_ious(model, torch.as_tensor(cubes))
+    expected = stats.mean_ci(ious, groups=patients)
+    last = by_patient.last
+    assert last.mean_iou == pytest.approx(by_disc.last.mean_iou)  # same training
+    assert (last.iou_ci_low, last.iou_ci_high) == pytest.approx(
+        (expected.ci_low, expected.ci_high))
+    assert (last.iou_ci_low, last.iou_ci_high) != pytest.approx(
+        (by_disc.last.iou_ci_low, by_disc.last.iou_ci_high))
+    with pytest.raises(ValueError, match="patient ids"):
+        _fit(cubes, max_epochs=1, groups=patients[:3])
 
 
 def test_the_default_recipe_converges_on_a_handful_of_discs():

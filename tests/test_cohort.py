@@ -61,7 +61,7 @@ def test_clean_cohort_gives_the_expected_tables(tmp_path):
     expected_series = pd.DataFrame(
         [
             [sid, patient, "t1", str(root / "images" / f"{sid}.mha"), str(root / "masks" / f"{sid}.mha"),
-             subset, split, sex, age]
+             subset, split, 0, sex, age]
             for sid, patient, subset, split, sex, age in [
                 ("1_t1", "1", "training", "train", "F", 45.0),
                 ("2_t1", "2", "training", "train", "M", np.nan),

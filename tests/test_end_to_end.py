@@ -213,8 +213,9 @@ def test_every_output_is_written(finished_run):
     assert list(manifest["stages"]) == STAGES
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     # every model location a later stage read is a URI into the bucket, not a bare path
-    for stage in ("segtrain", "sweep"):
-        assert manifest["stages"][stage]["results"]["checkpoint"].startswith(f"s3://{BUCKET}/")
+    for result in [manifest["stages"]["sweep"]["results"],
+                   *manifest["stages"]["segtrain"]["results"]["folds"]]:
+        assert result["checkpoint"].startswith(f"s3://{BUCKET}/")
     sweep = storage.read_table(tables.path(out, tables.SWEEP))
     assert sweep.checkpoint_path.str.startswith(f"s3://{BUCKET}/").all()
 
@@ -224,7 +225,7 @@ def test_segmentation_training_resumed_from_its_s3_checkpoint(finished_run):
     out, _, status, logs = finished_run
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert not storage.exists(FAULT_MARKER), "the fault never fired"
-    segtrain = _manifest(out)["stages"]["segtrain"]["results"]
+    segtrain = _manifest(out)["stages"]["segtrain"]["results"]["folds"][0]  # trained first
     run = segtrain["checkpoint"].rsplit("/", 1)[0]
     resumed = re.findall(r"segmentation: resuming after epoch (\d+) from (\S+)", logs)
     assert len(resumed) == 1, logs[-3000:]
@@ -232,6 +233,36 @@ def test_segmentation_training_resumed_from_its_s3_checkpoint(finished_run):
     assert epoch == "1" and checkpoint.startswith(run + "/checkpoint_"), (resumed, run)
     epochs = int(next(i.split("=")[1] for i in TINY if i.startswith("segmentation.epochs=")))
     assert segtrain["epochs"] == epochs
+
+
+@pytest.mark.slow
+def test_no_predicted_mask_comes_from_a_segmenter_that_saw_its_patient(finished_run):
+    """Cross-fitting, checked from the run's own records: each fold's checkpoint meta.json says
+    which patients trained and selected it; no predicted row (nor segmentation score) of a
+    fold belongs to one of them, and every patient was segmented."""
+    out, _, status, _ = finished_run
+    assert status == JobStatus.SUCCEEDED
+    folds = _manifest(out)["stages"]["segtrain"]["results"]["folds"]
+    assert len(folds) == 2  # the demo preset's segmentation.folds
+    seen = {}
+    for record in folds:
+        meta = json.loads(storage.read_bytes(storage.join(record["checkpoint"], "meta.json")))
+        assert meta["fold"] == record["fold"]
+        assert meta["training_patients"] and meta["selection_patients"]
+        assert not set(meta["training_patients"]) & set(meta["selection_patients"])
+        seen[meta["fold"]] = set(meta["training_patients"]) | set(meta["selection_patients"])
+    discs = storage.read_table(tables.path(out, tables.DISCS),
+                               columns=["patient_id", "fold", "mask_source"])
+    metrics = storage.read_table(tables.path(out, tables.SEGMENTATION_METRICS))
+    for rows in (discs[discs.mask_source == "predicted"], metrics):
+        assert rows.fold.isin(list(seen)).all()
+        leaked = [(p, f) for p, f in zip(rows.patient_id, rows.fold, strict=True)
+                  if p in seen[f]]
+        assert not leaked, leaked
+    series = storage.read_table(tables.path(out, tables.SERIES), columns=["patient_id"])
+    assert set(metrics.patient_id) == set(series.patient_id)
+    report = storage.read_bytes(storage.join(out, "report.md")).decode()
+    assert "| out-of-sample |" in report and "in-sample" in report
 
 
 @pytest.mark.slow

@@ -106,7 +106,7 @@ def test_stream_writes_reference_and_matching_predicted_discs(ray_session, cohor
     assert result.summary["dice"] == pytest.approx(val["dice"].mean())
 
     discs = storage.read_table(result.discs_path)
-    assert list(discs.columns) == (tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE
+    assert list(discs.columns) == (tables.DISC_KEYS + ["fold"] + tables.GEOMETRY + tables.BULGE
                                    + ["match_dice", "disc_status", "cube_fits", tables.CUBE])
     assert len(discs) == result.n_discs
     size = cfg.discs.cube_size

@@ -33,7 +33,7 @@ from tests.test_end_to_end import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [item for item in TINY if not item.startswith("synthetic.")] + [
-    "segmentation.epochs=1"]
+    "segmentation.epochs=1", "segmentation.folds=1"]
 COLUMNS = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + ["match_dice", "disc_status"]
 
 
@@ -133,7 +133,7 @@ def test_an_interrupted_job_resumes_to_the_same_tables(small_cohort, tmp_path, r
 
     # The same checkpoint, uninterrupted: every row (reference and predicted) must agree.
     checkpoint = json.loads((out / "manifest.json").read_text())["stages"]["segtrain"][
-        "results"]["checkpoint"]
+        "results"]["folds"][0]["checkpoint"]
     series = pd.read_parquet(tables.path(str(out), tables.SERIES))
     fresh = tmp_path / "fresh"
     stream.run_extraction(series, config.load("demo", FAST), checkpoint, str(fresh),

@@ -27,7 +27,8 @@ from tests.test_end_to_end import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_SERIES = [f"{p}_t1" for p in range(1, 7)]
-SETTINGS = [a for item in [*TINY, f"inputs.max_voxels={bad_inputs.MAX_VOXELS}"]
+SETTINGS = [a for item in [*TINY, f"inputs.max_voxels={bad_inputs.MAX_VOXELS}",
+                            "segmentation.folds=1"]
             for a in ("--set", item)]
 PLANTED = ["113_t1", "114_t1", "115_t1"]  # headers pointing outside the corpus, or oversized
 
@@ -52,7 +53,7 @@ def corrupt_run(cohorts, ray_session) -> tuple[Path, int]:
 
 def _checkpoint(out: Path) -> str:
     manifest = json.loads((out / "manifest.json").read_text())
-    return manifest["stages"]["segtrain"]["results"]["checkpoint"]
+    return manifest["stages"]["segtrain"]["results"]["folds"][0]["checkpoint"]
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ def test_the_report_contains_every_section_with_numbers(full_run):
     assert positions == sorted(positions)
     assert "Not available" not in text
     assert "10 patients, 10 series (sequences: t1)" in text
-    assert re.search(r"\| val \| 2 \| 0\.\d{3} \(95% CI 0\.\d{3} to 0\.\d{3}\)", text)
+    assert re.search(r"\| val \| 2 \| 2 \| 0\.\d{3} \(95% CI 0\.\d{3} to 0\.\d{3}\)", text)
     assert "| 10/10 | 0 | 0 |" in text and "| 39/40 | 2 | 0 |" in text  # val, then train
     assert "| L5/S1 (n=10) |" in text and "| height_mean_mm |" in text
     assert "Chosen: bottleneck **4**" in text
@@ -136,6 +136,43 @@ def test_package_versions():
     versions = report.package_versions()
     assert set(versions) == {"python", *report.PACKAGES}
     assert versions["numpy"] == np.__version__
+
+
+def _fold_records(series: pd.DataFrame, folds: int) -> list[dict]:
+    """Segtrain records: cross-fitted (folds >= 2, fold = patient number mod folds) or the
+    in-sample opt-out (folds = 1: one segmenter trained and selected on every patient)."""
+    patients = sorted(set(series.patient_id.astype(str)))
+    fold_of = {p: int(p) % folds if folds > 1 else 0 for p in patients}
+    records = []
+    for fold in range(folds):
+        mine = [p for p in patients if fold_of[p] == fold]
+        others = [p for p in patients if fold_of[p] != fold] if folds > 1 else patients
+        records.append({"fold": fold, "checkpoint": f"ckpt{fold}", "training_patients": others[1:],
+                        "selection_patients": others[:1], "segmented_patients": mine,
+                        "val_dice": 0.951, "val_iou": 0.9, "epochs": 7})
+    return records, fold_of
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_segmentation_is_scored_out_of_sample_beside_the_in_sample_selection(full_run, folds):
+    out, _ = full_run
+    context = report.load_context(out, fast_config())
+    records, fold_of = _fold_records(context.series, folds)
+    metrics = context.segmentation_metrics
+    context.segmentation_metrics = metrics.assign(fold=metrics.patient_id.astype(str).map(fold_of))
+    text = storage.read_bytes(report.write_report(out, report.ReportContext(
+        **{**context.__dict__, "segmenters": records}))).decode()
+    assert "selection Dice (in-sample)" in text
+    assert f"| 0 | {4 if folds == 2 else 9} | 1 | {5 if folds == 2 else 10} | 7 | 0.951 |" in text
+    if folds == 2:
+        assert re.search(r"\| out-of-sample \| 10 \| 10 \| 0\.\d{3} \(95% CI", text)
+        assert "| in-sample |" not in text and "IN-SAMPLE PREDICTED MASKS" not in text
+        assert "Segmentation, out-of-sample (10 series of 10 patients" in text
+        assert "selection Dice each fold's checkpoint was chosen on: 0.951, 0.951" in text
+    else:
+        assert "| in-sample | 10 | 10 |" in text and "| out-of-sample |" not in text
+        assert text.index("IN-SAMPLE PREDICTED MASKS") > text.index("### Table 2.")
+        assert "**no out-of-sample score**" in text
 
 
 def test_write_report_reads_the_tables_itself_given_a_config(full_run):

@@ -13,15 +13,16 @@ from pipeline.run import stages
 from pipeline.run.runner import EXIT_OK, Context, run_stages
 from pipeline.segmentation import models as segmodels
 
-TINY = ["segmentation.epochs=1", "segmentation.patience=1", "segmentation.batch_size=1",
-        "segmentation.crops_per_volume=2", "segmentation.unet_channels=4,8,16"]
+TINY = ["segmentation.folds=1", "segmentation.epochs=1", "segmentation.patience=1",
+        "segmentation.batch_size=1", "segmentation.crops_per_volume=2",
+        "segmentation.unet_channels=4,8,16"]
 
 
 def _segtrain(ctx: Context) -> dict:
     assert run_stages(stages.build(synthesize=False), ctx,
                       selected=["catalog", "segtrain"]) == EXIT_OK
     manifest = json.loads(storage.read_bytes(storage.join(ctx.out, "manifest.json")))
-    return manifest["stages"]["segtrain"]["results"]
+    return manifest["stages"]["segtrain"]["results"]["folds"][0]
 
 
 def test_a_changed_lr_trains_a_new_run_from_scratch(ray_session, tmp_path):

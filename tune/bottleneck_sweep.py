@@ -94,7 +94,8 @@ def trial_spec(cfg: Config, bottleneck: int) -> TrainSpec:
     return TrainSpec.from_config(cfg, bottleneck, cfg.sweep.max_epochs, plateau)
 
 
-def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int) -> None:
+def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int,
+                 patients: np.ndarray | None = None) -> None:
 
     torch.set_num_threads(threads)
     bottleneck = int(params["bottleneck"])
@@ -106,7 +107,7 @@ def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int) -> 
     restored = tune.get_checkpoint()
     with restored.as_directory() if restored else contextlib.nullcontext() as folder:
         train_cubes(cubes, trial_spec(cfg, bottleneck), report=report, restore_dir=folder,
-                    device=resources.torch_device())
+                    device=resources.torch_device(), groups=patients)
 
 
 def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,
@@ -159,9 +160,9 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
             _nested_trial, discs_path=discs_path, cfg=cfg, storage_path=storage_path,
             experiment=name, cpus_per_worker=plan.cpus_per_worker)
     else:
-        cubes = load_training_cubes(discs_path, cfg)
+        cubes, patients = load_training_cubes(discs_path, cfg, with_patients=True)
         trainable = tune.with_parameters(_plain_trial, cubes=cubes, cfg=cfg,
-                                         threads=plan.threads)
+                                         threads=plan.threads, patients=patients)
     trainable = tune.with_resources(trainable, plan.trial_resources)
     experiment_path = storage.join(storage_path, name)
     mode = "a TorchTrainer per trial" if nested else "a plain loop per trial"

@@ -22,6 +22,7 @@ from pipeline import stats
 from pipeline.analysis import classify
 from pipeline.config import Config
 from pipeline.data import labels, storage, tables
+from pipeline.segmentation import folds as crossfit
 
 TITLE = "# Lumbar disc geometry, latent shape codes and pathology: run report"
 SECTIONS = (
@@ -60,10 +61,15 @@ class ReportContext:
     targets: tuple[str, ...] = ("disc_bulging", "disc_narrowing")
     iou_target: float = 0.995  # the autoencoder's convergence threshold (mean IoU)
     preset: str = ""
+    # the segtrain stage's per-fold records (fold, checkpoint, training_patients,
+    # selection_patients, segmented_patients, val_dice, val_iou, epochs); None: not known
+    segmenters: list[dict] | None = None
 
 
-def load_context(out: str, cfg: Config | None = None) -> ReportContext:
-    """A context from whatever tables and figures exist under `out`."""
+def load_context(out: str, cfg: Config | None = None, segtrain: dict | None = None
+                 ) -> ReportContext:
+    """A context from whatever tables and figures exist under `out`, and the segtrain stage's
+    results (its per-fold records)."""
     disc_columns = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + ["disc_status"]
     context = ReportContext(
         series=tables.read_if_present(out, tables.SERIES),
@@ -82,6 +88,8 @@ def load_context(out: str, cfg: Config | None = None) -> ReportContext:
         context.targets = tuple(cfg.classify.targets)
         context.iou_target = cfg.autoencoder.iou_target
         context.preset = cfg.preset
+    if segtrain and segtrain.get("folds"):
+        context.segmenters = list(segtrain["folds"])
     return context
 
 
@@ -95,21 +103,22 @@ def list_figures(out: str) -> list[str]:
     return [storage.join(folder, name) for name in names]
 
 
-def write_report(out: str, context: ReportContext | Config) -> str:
+def write_report(out: str, context: ReportContext | Config, segtrain: dict | None = None) -> str:
     """Write `<out>/report.md` and return its location; given a Config, the context is read
-    from the tables under `out` (load_context)."""
+    from the tables under `out` and `segtrain` (load_context)."""
     if isinstance(context, Config):
-        context = load_context(out, context)
+        context = load_context(out, context, segtrain)
     parts = [
         TITLE,
         f"_Written {time.strftime('%Y-%m-%d %H:%M')}"
         + (f", preset `{context.preset}`" if context.preset else "") + "._",
         SECTIONS[0], _cohort(context),
-        SECTIONS[1], _segmentation(context.segmentation_metrics),
+        SECTIONS[1], _segmentation(context.segmentation_metrics, context.segmenters),
         SECTIONS[2], _geometry(context.discs),
         SECTIONS[3], _sweep(context.sweep, context.iou_target),
         _reconstruction(context.latents),
-        SECTIONS[4], _classification(context.classification, context.comparisons),
+        SECTIONS[4], _classification(context.classification, context.comparisons,
+                                     context.segmenters),
         SECTIONS[5], _figures(context.figures),
         SECTIONS[6], _findings(context),
         SECTIONS[7], _quarantined(context.errors),
@@ -190,32 +199,71 @@ def _prevalence(gradings: pd.DataFrame, series: pd.DataFrame | None, targets) ->
     return _table(["target", "all: positive/graded (prevalence)", *splits], rows)
 
 
-def _segmentation(metrics: pd.DataFrame | None) -> str:
+def _sample_label(scored: pd.DataFrame, segmenters: list[dict] | None) -> pd.Series:
+    """Per scored series, what its score measures: out-of-sample (its segmenter, by that
+    segmenter's own record, neither trained nor selected on its patient) or in-sample; without
+    records, its split as before cross-fitting."""
+    if segmenters is not None and {"fold", "patient_id"} <= set(scored.columns):
+        outside = crossfit.out_of_sample(scored, segmenters)
+        return pd.Series(np.where(outside, "out-of-sample", "in-sample"), index=scored.index)
+    return scored.get("split", pd.Series("all", index=scored.index)).fillna("none").astype(str)
+
+
+def _segmentation(metrics: pd.DataFrame | None, segmenters: list[dict] | None = None) -> str:
     if metrics is None:
         return _not_run("segmentation_metrics.parquet", "extract")
     failed = metrics.get("error", pd.Series("", index=metrics.index)).fillna("").astype(str) != ""
     scored = metrics[~failed]
     rows = []
-    for split, group in scored.groupby(scored.get("split", pd.Series("all", index=scored.index))
-                                       .fillna("none").astype(str)):
+    for label, group in scored.groupby(_sample_label(scored, segmenters)):
         groups = group.patient_id if "patient_id" in group.columns else None
         dice = stats.mean_ci(group.dice, groups=groups)
         iou = stats.mean_ci(group.iou, groups=groups)
-        rows.append([split, str(len(group)), dice.text(3), iou.text(3),
+        rows.append([label, str(len(group)),
+                     str(group.patient_id.nunique()) if groups is not None else "—",
+                     dice.text(3), iou.text(3),
                      f"{int(group.n_found.sum())}/{int(group.n_expected.sum())}"
                      if {"n_found", "n_expected"} <= set(group.columns) else "—",
                      str(_count(group, "merged_ivd_labels", "merged")),
                      str(_count(group, "split_ivd_labels", "split_discs"))])
-    rows.sort(key=lambda r: r[0] != "val")
-    text = [_table(["split", "series", "Dice, mean (95% CI)", "IoU, mean (95% CI)",
-                    "discs found/expected", "merged discs", "split discs"], rows),
-            "", "Per-series Dice and IoU of the binary disc mask on the whole volume (sliding "
-            "window, no crop); CIs resample patients. A merged disc is one predicted component "
-            "covering several reference discs; a split disc is one reference disc broken into "
-            "several components."]
+    rows.sort(key=lambda r: r[0] not in ("out-of-sample", "val"))
+    text = [_table(["scored on", "series", "patients", "Dice, mean (95% CI)",
+                    "IoU, mean (95% CI)", "discs found/expected", "merged discs",
+                    "split discs"], rows), ""]
+    if segmenters is not None:
+        text.append(f"{len(segmenters)}-fold cross-fitting by patient: each series is segmented "
+                    "by the segmenter of its patient's fold, trained and selected without that "
+                    "fold. Out-of-sample means that segmenter, by its own record, neither "
+                    "trained on nor selected its checkpoint on the patient: the score a new "
+                    "patient would get. In-sample rows (if any) are not held-out scores.")
+        text += ["", "For comparison, the **in-sample** selection score: the Dice on the inner "
+                 "validation patients that chose each fold's checkpoint (early stopping and "
+                 "best-checkpoint selection), optimistic because those patients picked it:", "",
+                 _table(["fold", "trained on (patients)", "selected on (patients)",
+                         "segments (patients)", "epochs", "selection Dice (in-sample)",
+                         "selection IoU (in-sample)"],
+                        [[str(f["fold"]), str(len(f["training_patients"])),
+                          str(len(f["selection_patients"])),
+                          str(len(f.get("segmented_patients", []))), str(f["epochs"]),
+                          f"{f['val_dice']:.3f}", f"{f['val_iou']:.3f}"] for f in segmenters]),
+                 ""]
+    text.append("Per-series Dice and IoU of the binary disc mask on the whole volume (sliding "
+                "window, no crop) against the reference mask; CIs resample patients. A merged "
+                "disc is one predicted component covering several reference discs; a split disc "
+                "is one reference disc broken into several components.")
     if failed.any():
         text.append(f"\n{int(failed.sum())} series could not be scored (see Quarantined inputs).")
     return "\n".join(text)
+
+
+def in_sample_warning(segmenters: list[dict] | None) -> str:
+    """A warning for tables built on predicted masks that are not all out-of-sample."""
+    if segmenters is None or not any(crossfit.record_in_sample(f) for f in segmenters):
+        return ""
+    return ("> **IN-SAMPLE PREDICTED MASKS** (segmentation.folds=1): the segmenter segmented "
+            "patients it trained or selected on, so its masks are near-copies of the reference "
+            "for them and the predicted-mask numbers are optimistic. Use segmentation.folds >= 2 "
+            "for out-of-sample masks.")
 
 
 def _count(frame: pd.DataFrame, *columns: str) -> int:
@@ -276,7 +324,9 @@ def _sweep(sweep: pd.DataFrame | None, iou_target: float) -> str:
                      "yes" if row.stopped_early else "no", f"{row.wall_s:.0f}",
                      "**chosen**" if row.chosen else "", str(row.note or "")])
     text = [_table(["bottleneck", "mean IoU (95% CI)", "epochs", "converged", "stopped early",
-                    "wall time (s)", "", "note"], rows), ""]
+                    "wall time (s)", "", "note"], rows), "",
+            "Mean IoU over every training disc after the last epoch; the CI resamples patients.",
+            ""]
     chosen = sweep[sweep.chosen.astype(bool)]
     if not sweep.converged.astype(bool).any():
         pick = f"bottleneck {int(chosen.bottleneck.iloc[0])}" if len(chosen) else "nothing"
@@ -313,13 +363,19 @@ def _reconstruction(latents: pd.DataFrame | None) -> str:
             "discs show how well the code holds the shapes the segmenter actually produces.")
 
 
-def _classification(table: pd.DataFrame | None, comparisons: pd.DataFrame | None) -> str:
+def _classification(table: pd.DataFrame | None, comparisons: pd.DataFrame | None,
+                    segmenters: list[dict] | None = None) -> str:
     if table is None or table.empty:
         return _not_run("classification.parquet", "classify")
     markdown = classify.markdown_tables(table)
     text = []
     for source in classify.MASK_SOURCES:
         text.append(f"### {classify.TABLE_TITLES[source]}")
+        if source == "predicted" and in_sample_warning(segmenters):
+            text.append(in_sample_warning(segmenters))
+        elif source == "predicted" and segmenters is not None:
+            text.append(f"Predicted masks from {len(segmenters)}-fold cross-fitting: every "
+                        "series was segmented by a segmenter that never saw its patient.")
         text.append(markdown.get(source, f"_No {source}-mask analysis in this run._"))
     text.append("### Does the latent code add information?")
     if comparisons is None:
@@ -349,12 +405,7 @@ def _findings(c: ReportContext) -> str:
     bullets = []
     metrics = c.segmentation_metrics
     if metrics is not None and "dice" in metrics.columns:
-        scored = metrics[metrics.get("error", pd.Series("", index=metrics.index)).fillna("") == ""]
-        val = scored[scored.split == "val"] if "split" in scored.columns else scored
-        which = "validation" if len(val) else "all"
-        val = val if len(val) else scored
-        dice = stats.mean_ci(val.dice, groups=val.get("patient_id"))
-        bullets.append(f"Segmentation ({which} series, n={len(val)}): Dice {dice.text(3)}.")
+        bullets.append(_segmentation_finding(metrics, c.segmenters))
     else:
         bullets.append("Segmentation: not measured in this run.")
 
@@ -384,6 +435,31 @@ def _findings(c: ReportContext) -> str:
     if c.comparisons is not None:
         bullets += _comparison_findings(c.comparisons)
     return "\n".join(f"- {b}" for b in bullets)
+
+
+def _segmentation_finding(metrics: pd.DataFrame, segmenters: list[dict] | None) -> str:
+    """The headline segmentation score: out-of-sample where the segmenters' records say so,
+    beside the in-sample selection score the checkpoints were chosen on."""
+    scored = metrics[metrics.get("error", pd.Series("", index=metrics.index)).fillna("") == ""]
+    labels_ = _sample_label(scored, segmenters)
+    if segmenters is None:
+        val = scored[labels_ == "val"]
+        which = "validation" if len(val) else "all"
+        val = val if len(val) else scored
+        dice = stats.mean_ci(val.dice, groups=val.get("patient_id"))
+        return f"Segmentation ({which} series, n={len(val)}): Dice {dice.text(3)}."
+    selection = ", ".join(f"{f['val_dice']:.3f}" for f in segmenters)
+    outside = scored[labels_ == "out-of-sample"]
+    if outside.empty:
+        return ("Segmentation: **no out-of-sample score**: every series was segmented by a "
+                "segmenter that trained or selected on its patient (segmentation.folds=1); "
+                f"in-sample selection Dice {selection}.")
+    dice = stats.mean_ci(outside.dice, groups=outside.patient_id)
+    return (f"Segmentation, out-of-sample ({len(outside)} series of "
+            f"{outside.patient_id.nunique()} patients, each segmented by the cross-fitted "
+            f"segmenter that neither trained on nor selected its patient): Dice {dice.text(3)}. "
+            f"In-sample, the selection Dice each fold's checkpoint was chosen on: {selection} "
+            "(optimistic: those patients picked the checkpoint).")
 
 
 def _classification_findings(table: pd.DataFrame) -> list[str]:

@@ -26,7 +26,8 @@ OVERVIEW = "overview.csv"
 GRADINGS = "radiological_gradings.csv"
 
 SERIES_COLUMNS = [
-    "series_id", "patient_id", "sequence", "image_uri", "mask_uri", "subset", "split", "sex", "age",
+    "series_id", "patient_id", "sequence", "image_uri", "mask_uri", "subset", "split", "fold", "sex",
+    "age",
 ]
 # SPIDER's grading columns -> (our name, the values a grade may take).
 GRADES = {
@@ -58,19 +59,23 @@ class Catalog:
 
 
 def catalog(
-    root: str, sequence: str | None = "t1", val_fraction: float = 0.2, seed: int = 0
+    root: str, sequence: str | None = "t1", val_fraction: float = 0.2, seed: int = 0,
+    folds: int = 1,
 ) -> Catalog:
     """Catalog the SPIDER-layout folder or URI `root`.
 
     `sequence` keeps one of SEQUENCES (None keeps all). `split` follows overview.csv's subset;
     patients without one are split by `seed` with `val_fraction` of them in val. Splits are
     decided over every patient under `root` whatever `sequence` is, so a patient's split is the
-    same in a T1 and a T2 catalog.
+    same in a T1 and a T2 catalog. `fold` is the patient's cross-fitting fold (0 to folds-1,
+    see assign_folds), decided the same way over every patient.
     """
     if sequence is not None and sequence not in SEQUENCES:
         raise ValueError(f"unknown sequence {sequence!r}: expected one of {', '.join(SEQUENCES)} or None")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, got {folds}")
     fs, base = storage.filesystem(root)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         raise ValueError(f"{root}: dataset root not found (expected {IMAGES}/, {MASKS}/, {OVERVIEW})")
@@ -79,7 +84,7 @@ def catalog(
     masks = found.volumes(MASKS)
     overview = found.overview()
     gradings = found.gradings()
-    series = found.series(images, masks, overview, sequence, val_fraction, seed)
+    series = found.series(images, masks, overview, sequence, val_fraction, seed, folds)
     return Catalog(series=series, gradings=gradings, problems=found.problems)
 
 
@@ -224,10 +229,12 @@ class _Found:
                 kept.append(entries[0][1])
         return _gradings_frame(kept)
 
-    def series(self, images, masks, overview, sequence, val_fraction, seed) -> pd.DataFrame:
+    def series(self, images, masks, overview, sequence, val_fraction, seed, folds
+               ) -> pd.DataFrame:
         known = overview or {}
         series_ids = set(images) | set(masks) | set(known)
         splits = self.patient_splits(series_ids, known, val_fraction, seed)
+        fold_of = assign_folds(splits, folds, seed)
         rows = []
         for series_id in sorted(series_ids, key=_series_key):
             patient, _, seq = series_id.partition("_")
@@ -253,9 +260,11 @@ class _Found:
             rows.append({
                 "series_id": series_id, "patient_id": patient, "sequence": seq,
                 "image_uri": image, "mask_uri": mask, "subset": meta["subset"],
-                "split": splits[patient], "sex": meta["sex"], "age": meta["age"],
+                "split": splits[patient], "fold": fold_of[patient], "sex": meta["sex"],
+                "age": meta["age"],
             })
-        return pd.DataFrame(rows, columns=SERIES_COLUMNS).astype({"age": "float64"})
+        return pd.DataFrame(rows, columns=SERIES_COLUMNS).astype({"age": "float64",
+                                                                  "fold": "int64"})
 
     def patient_splits(self, series_ids, overview, val_fraction, seed) -> dict[str, str]:
         """patient_id -> "train" | "val": from overview.csv's subset, else a seeded draw."""
@@ -280,6 +289,23 @@ class _Found:
         for rank, index in enumerate(order):
             splits[undecided[index]] = "val" if rank < n_val else "train"
         return splits
+
+
+def assign_folds(splits: dict[str, str], folds: int, seed: int) -> dict[str, int]:
+    """patient_id -> cross-fitting fold in 0..folds-1: patient-grouped (a patient is one key, so
+    all its series share a fold), deterministic by `seed`, and stratified by split (val patients
+    are dealt out round the folds first, then the train patients, continuing the count so fold
+    sizes differ by one at most), so every fold's complement keeps some val patients to select
+    on whenever there are at least two."""
+    rng = np.random.default_rng([seed, 16])  # a stream of its own: the splits' draw is unchanged
+    fold_of: dict[str, int] = {}
+    dealt = 0
+    for split in ("val", "train"):
+        group = sorted((p for p, s in splits.items() if s == split), key=_patient_key)
+        for index in rng.permutation(len(group)):
+            fold_of[group[index]] = dealt % folds
+            dealt += 1
+    return fold_of
 
 
 def _volume_stem(name: str) -> str | None:

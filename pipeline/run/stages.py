@@ -24,7 +24,8 @@ def _catalog(ctx: Context) -> StageOutcome:
     from pipeline.data.cohort import catalog
 
     cat = catalog(ctx.data, sequence=ctx.cfg.sequence,
-                  val_fraction=ctx.cfg.segmentation.val_fraction, seed=ctx.cfg.seed)
+                  val_fraction=ctx.cfg.segmentation.val_fraction, seed=ctx.cfg.seed,
+                  folds=ctx.cfg.segmentation.folds)
     if ctx.strict and cat.problems:
         first = cat.problems[0]
         raise StageError(f"{first['file']}: {first['reason']} (--strict stops at the first bad input)")
@@ -41,25 +42,42 @@ def _catalog(ctx: Context) -> StageOutcome:
 
 
 def _segtrain(ctx: Context) -> StageOutcome:
-    from pipeline.segmentation.train import train_segmenter
+    from pipeline.segmentation.train import train_folds
 
     series = storage.read_table(ctx.table(tables.SERIES))
-    result = train_segmenter(series, ctx.cfg, storage_path=ctx.work("train"), name=ctx.run_name,
-                             progress=ctx.progress)
+    results = train_folds(series, ctx.cfg, storage_path=ctx.work("train"), name=ctx.run_name,
+                          progress=ctx.progress)
+    segments = series.groupby("fold").patient_id.agg(lambda p: sorted(set(p.astype(str))))
+    folds = [{"fold": r.fold, "checkpoint": r.checkpoint_path,
+              "training_patients": r.training_patients,
+              "selection_patients": r.selection_patients,
+              "segmented_patients": segments.get(r.fold, []),
+              "val_dice": r.best_val_dice, "val_iou": r.best_val_iou, "epochs": r.epochs_run}
+             for r in results]
+    skipped = {(bad["series_id"], bad["reason"]): bad for r in results for bad in r.skipped}
     return StageOutcome(
-        results={"checkpoint": result.checkpoint_path, "val_dice": result.best_val_dice,
-                 "val_iou": result.best_val_iou, "epochs": result.epochs_run},
-        counts={"epochs": result.epochs_run, "best val Dice": round(result.best_val_dice, 3)},
-        errors=[{"stage": "segtrain", **bad} for bad in result.skipped],
+        # val_dice/val_iou: in-sample, on the selection patients that chose each checkpoint
+        results={"folds": folds, "in_sample": ctx.cfg.segmentation.folds == 1},
+        counts={"folds": len(folds), "epochs": "/".join(str(f["epochs"]) for f in folds),
+                "best val Dice (selection, in-sample)":
+                    "/".join(f"{f['val_dice']:.3f}" for f in folds)},
+        errors=[{"stage": "segtrain", **bad} for bad in skipped.values()],
     )
+
+
+def segmenters(segtrain: dict) -> dict[int, str]:
+    """{fold: checkpoint} from the segtrain stage's results."""
+    return {int(f["fold"]): f["checkpoint"] for f in segtrain["folds"]}
 
 
 def _extract(ctx: Context) -> StageOutcome:
     from pipeline.segmentation.stream import run_extraction
 
     series = storage.read_table(ctx.table(tables.SERIES))
-    result = run_extraction(series, ctx.cfg, ctx.results["segtrain"]["checkpoint"], ctx.out,
-                            strict=ctx.strict, progress=ctx.progress)
+    segtrain = ctx.results["segtrain"]
+    result = run_extraction(series, ctx.cfg, segmenters(segtrain), ctx.out, strict=ctx.strict,
+                            progress=ctx.progress,
+                            segmenter_records=segtrain["folds"])
     return StageOutcome(results={"summary": result.summary},
                         counts={"series": len(result.metrics), "discs": result.n_discs},
                         errors=result.errors)
@@ -107,7 +125,7 @@ def _interpret(ctx: Context) -> StageOutcome:
 def _report(ctx: Context) -> StageOutcome:
     from pipeline.analysis.report import write_report
 
-    path = write_report(ctx.out, ctx.cfg)
+    path = write_report(ctx.out, ctx.cfg, segtrain=ctx.results.get("segtrain"))
     return StageOutcome(results={"report": path}, counts={})
 
 
@@ -127,7 +145,8 @@ def build(synthesize: bool) -> list[Stage]:
         Stage("catalog", "cataloguing series and gradings", _catalog,
               inputs=lambda ctx: [ctx.data],
               outputs=_in_tables(tables.SERIES, tables.GRADINGS),
-              config_sections=("sequence", "seed", "segmentation.val_fraction")),
+              config_sections=("sequence", "seed", "segmentation.val_fraction",
+                               "segmentation.folds")),
         Stage("segtrain", "training the disc segmenter (Ray Train)", _segtrain,
               inputs=_in_tables(tables.SERIES), outputs=lambda ctx: [],
               config_sections=("inputs", "segmentation", "seed")),
@@ -153,7 +172,8 @@ def build(synthesize: bool) -> list[Stage]:
               inputs=_in_tables(tables.SEGMENTATION_METRICS, tables.SWEEP,
                                 tables.CLASSIFICATION, tables.ERRORS),
               outputs=lambda ctx: [storage.join(ctx.out, "report.md")],
-              config_sections=("classify.targets", "autoencoder.iou_target", "preset")),
+              config_sections=("classify.targets", "autoencoder.iou_target", "preset"),
+              depends_on=("segtrain",)),
     ]
     return stages
 

@@ -9,6 +9,9 @@ Three stages, each a plain function so the same per-series work also runs as a s
    so reading and preprocessing stay CPU tasks and the GPU actors only infer.
 2. `Segmenter` (an actor pool sized by `pipeline.resources`: a GPU each when the run uses GPUs):
    sliding-window inference over the whole volume, never a crop taken from the reference mask.
+   With cross-fitting each actor holds the K fold segmenters (loaded on first use) and segments
+   a series with the one of its `fold`, the segmenter that never saw its patient: one pass over
+   the cohort.
 3. `extract_series` (tasks): map the prediction back to the native grid, score it, split
    reference and predicted masks into discs through the same path (crop, measure, cube), write
    `<out>/tables/discs.parquet/<series_id>.parquet` and `<out>/predictions/<series_id>.mha`.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +45,7 @@ from pipeline import faults, resources, stats
 from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, tables, validate, volumes
 from pipeline.discs import geometry, isolate
+from pipeline.segmentation import folds as crossfit
 from pipeline.segmentation import models as segmodels
 from pipeline.segmentation import preprocess
 from pipeline.segmentation.metrics import dice_iou
@@ -52,8 +56,8 @@ if TYPE_CHECKING:
 PREDICTIONS = "predictions"
 THRESHOLD = 0.5  # on the sigmoid probability
 METRIC_COLUMNS = [
-    "series_id", "patient_id", "split", "dice", "iou", "n_expected", "n_found", "n_unmatched",
-    "merged_ivd_labels", "split_ivd_labels", "n_reference_discs", "n_predicted_discs",
+    "series_id", "patient_id", "split", "fold", "dice", "iou", "n_expected", "n_found",
+    "n_unmatched", "merged_ivd_labels", "split_ivd_labels", "n_reference_discs", "n_predicted_discs",
     "skipped_discs", "error", "file",
 ]
 _PASSED = ("series_id", "patient_id", "split")
@@ -74,7 +78,7 @@ def read_series(row: dict, max_voxels: int = volumes.MAX_VOXELS) -> dict:
     """Stage 1a: one series -> its native image and reference mask, and what is needed to write
     a prediction back in the file's own orientation. Bad input -> the same keys, empty arrays
     and `error`/`file` filled in."""
-    base = {key: str(row[key]) for key in _PASSED}
+    base = {**{key: str(row[key]) for key in _PASSED}, "fold": int(row.get("fold", 0))}
     try:
         image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"], max_voxels)
         validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
@@ -111,35 +115,65 @@ def load_series(row: dict, seg: SegmentationConfig, max_voxels: int = volumes.MA
 
 
 class Segmenter:
-    """Stage 2, a Ray Data callable class: loads the model once per actor, then runs MONAI
-    sliding-window inference on whole preprocessed volumes (one per batch)."""
+    """Stage 2, a Ray Data callable class: loads each model once per actor (on first use), then
+    runs MONAI sliding-window inference on whole preprocessed volumes (one per batch).
 
-    def __init__(self, checkpoint_path: str, overlap: float, sw_batch_size: int,
-                 threads: int | None = None):
+    checkpoints: one checkpoint for every series, or {fold: checkpoint} (cross-fitting), where
+    a series is segmented by the checkpoint of its `fold` and nothing else. `meta` is the first
+    checkpoint's; all share its preprocessing (run_extraction checks)."""
+
+    def __init__(self, checkpoints: str | Mapping[int, str], overlap: float,
+                 sw_batch_size: int, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = resources.torch_device()
-        model, self.meta = segmodels.load_segmenter(checkpoint_path)
-        self.model = model.to(self.device)
+        self.paths = ({None: checkpoints} if isinstance(checkpoints, str)
+                      else {int(k): str(v) for k, v in checkpoints.items()})
+        self.models: dict = {}
+        first = next(iter(self.paths))
+        self.model, self.meta = self._model(first)
         self.roi_size = tuple(segmodels.config_from_meta(self.meta).roi_size)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.calls = 0  # batches segmented by this actor process, for the fault tests
 
-    def probability(self, image: np.ndarray) -> np.ndarray:
+    def _model(self, key) -> tuple[torch.nn.Module, dict]:
+        if key not in self.models:
+            model, meta = segmodels.load_segmenter(self.paths[key])
+            self.models[key] = (model.to(self.device), meta)
+        return self.models[key]
+
+    def model_for(self, fold) -> tuple[torch.nn.Module, dict]:
+        """The model (and its meta) that segments a series of `fold`."""
+        if None in self.paths:
+            return self._model(None)
+        if int(fold) not in self.paths:
+            raise ValueError(f"no segmenter for fold {fold} (have folds {sorted(self.paths)}): "
+                             "the series table and the segmentation stage disagree; re-run both")
+        return self._model(int(fold))
+
+    def probability(self, image: np.ndarray, model: torch.nn.Module | None = None) -> np.ndarray:
         """Disc probability (float32) on the padded model grid of one preprocessed volume."""
         with torch.inference_mode():
             volume = torch.tensor(image, dtype=torch.float32)[None, None].to(self.device)
             logits = sliding_window_inference(volume, self.roi_size, self.sw_batch_size,
-                                              self.model, overlap=self.overlap, mode="gaussian")
+                                              self.model if model is None else model,
+                                              overlap=self.overlap,
+                                              mode="gaussian")
             return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
 
     def segment(self, sample: dict) -> dict:
-        """A stage-1 row -> the same row with `probability` in place of `image`."""
+        """A stage-1 row -> the same row with `probability` in place of `image`, and `fold` the
+        fold of the segmenter that made it (as its checkpoint records it, where it does)."""
         out = {k: v for k, v in sample.items() if k != "image"}
         image = np.asarray(sample["image"])
-        out["probability"] = (self.probability(image) if not sample["error"]
-                              else np.zeros((0, 0, 0), np.float32))
+        if sample["error"]:
+            out["probability"] = np.zeros((0, 0, 0), np.float32)
+            return out
+        model, meta = self.model_for(sample.get("fold", 0))
+        out["probability"] = self.probability(image, model)
+        if meta.get("fold") is not None:
+            out["fold"] = int(meta["fold"])
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -183,7 +217,8 @@ def _disc_rows(found: list, source: str, sample: dict, label_map: np.ndarray | N
         cube, fits = isolate.disc_cube(disc, spacing, cfg.discs.cube_size, cfg.discs.cube_spacing_mm)
         rows.append({"patient_id": sample["patient_id"], "series_id": sample["series_id"],
                      "ivd_label": int(disc.ivd_label), "level": disc.level,
-                     "mask_source": source, "split": sample["split"], **measured, **bulge,
+                     "mask_source": source, "split": sample["split"], "fold": sample["fold"],
+                     **measured, **bulge,
                      "match_dice": float(disc.match_dice), "disc_status": disc.status,
                      "cube_fits": bool(fits)})
         cubes.append(cube)
@@ -192,10 +227,10 @@ def _disc_rows(found: list, source: str, sample: dict, label_map: np.ndarray | N
 
 def disc_table(rows: list[dict], cubes: list[np.ndarray], cube_size: int) -> pa.Table:
     """One series' discs as a Parquet-ready table with a fixed-shape uint8 cube column."""
-    columns = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + [
+    columns = tables.DISC_KEYS + ["fold"] + tables.GEOMETRY + tables.BULGE + [
         "match_dice", "disc_status", "cube_fits"]
     frame = pd.DataFrame(rows, columns=columns).astype(
-        {"ivd_label": "int64", "match_dice": "float64", "cube_fits": "bool",
+        {"ivd_label": "int64", "fold": "int64", "match_dice": "float64", "cube_fits": "bool",
          **dict.fromkeys(tables.GEOMETRY + tables.BULGE, "float64")})
     table = pa.Table.from_pandas(frame, preserve_index=False)
     stacked = (np.stack(cubes) if cubes
@@ -207,7 +242,7 @@ def extract_series(sample: dict, cfg: Config, out: str) -> dict:
     """Stage 3: a segmented row -> per-disc rows written to its own Parquet file, the predicted
     mask written beside the tables, and a small record (METRIC_COLUMNS) for the driver."""
     record = {key: sample[key] for key in _PASSED} | {
-        "dice": math.nan, "iou": math.nan, "n_expected": 0, "n_found": 0, "n_unmatched": 0,
+        "fold": int(sample["fold"]), "dice": math.nan, "iou": math.nan, "n_expected": 0, "n_found": 0, "n_unmatched": 0,
         "merged_ivd_labels": "", "split_ivd_labels": "", "n_reference_discs": 0,
         "n_predicted_discs": 0, "skipped_discs": "", "error": str(sample["error"]),
         "file": str(sample["file"])}
@@ -257,14 +292,21 @@ def process_series(row: dict, segmenter: Segmenter, cfg: Config, out: str) -> di
                           out)
 
 
-def _summary(metrics: pd.DataFrame) -> dict:
-    """Mean Dice and IoU with 95% CIs over validation series (all series when none is val),
-    resampling patients."""
+def score_summary(metrics: pd.DataFrame, records: list[dict] | None = None) -> dict:
+    """Mean Dice and IoU with 95% CIs that resample patients. Given the segmenters' own records
+    (fold, training_patients, selection_patients), over the series whose segmenter neither
+    trained nor selected on their patient ("out-of-sample"); without them, over the validation
+    series (all series when none is val)."""
     scored = metrics[metrics["error"] == ""]
-    split = "val" if (scored["split"] == "val").any() else "all"
-    if split == "val":
-        scored = scored[scored["split"] == "val"]
-    summary = {"split": split, "n_series": int(len(scored))}
+    if records is not None:
+        split = "out-of-sample"
+        scored = scored[crossfit.out_of_sample(scored, records)]
+    else:
+        split = "val" if (scored["split"] == "val").any() else "all"
+        if split == "val":
+            scored = scored[scored["split"] == "val"]
+    summary = {"split": split, "n_series": int(len(scored)),
+               "n_patients": int(scored["patient_id"].nunique())}
     for name in ("dice", "iou"):
         estimate = stats.mean_ci(scored[name], groups=scored["patient_id"])
         summary.update({name: estimate.value, f"{name}_ci_low": estimate.ci_low,
@@ -284,34 +326,52 @@ def _remove_stale(out: str, keep: set[str]) -> None:
             fs.delete_file(info.path)
 
 
-def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out: str,
-                   strict: bool = False, progress: Callable[[str], None] | None = print
-                   ) -> ExtractionResult:
-    """Segment every series with the checkpoint and extract its discs, streaming with Ray Data.
+def _preprocessing(segmenters: str | Mapping[int, str]) -> SegmentationConfig:
+    """The segmentation settings the segmenters were trained with; all of them must share the
+    preprocessing, which runs once per series before the fold's model is known."""
+    paths = [segmenters] if isinstance(segmenters, str) else list(segmenters.values())
+    configs = [segmodels.config_from_meta(checkpoints.read_meta(p, "segmenter")) for p in paths]
+    grids = {(tuple(c.target_spacing_mm), tuple(c.roi_size)) for c in configs}
+    if len(grids) > 1:
+        raise ValueError(f"the fold segmenters were trained on different grids {sorted(grids)}: "
+                         "train them with one config")
+    return configs[0]
 
+
+def run_extraction(series: pd.DataFrame, cfg: Config, segmenters: str | Mapping[int, str],
+                   out: str, strict: bool = False,
+                   progress: Callable[[str], None] | None = print,
+                   segmenter_records: list[dict] | None = None) -> ExtractionResult:
+    """Segment every series and extract its discs, streaming with Ray Data.
+
+    segmenters: one checkpoint for every series, or {fold: checkpoint} from cross-fitting, where
+    each series is segmented by the checkpoint of its `fold` column. segmenter_records: the
+    segmenters' own records (fold, training_patients, selection_patients) for the out-of-sample summary.
     Writes `<out>/tables/discs.parquet/<series_id>.parquet`, `<out>/predictions/*.mha` and
     `<out>/tables/segmentation_metrics.parquet`. A series whose files are unusable is
     quarantined (an error, no disc rows) and the rest complete; `strict` raises ValueError on
-    the first one instead. Preprocessing follows the checkpoint's own settings.
+    the first one instead. Preprocessing follows the checkpoints' own settings.
     """
     missing = {*_PASSED, "image_uri", "mask_uri"} - set(series.columns)
+    if not isinstance(segmenters, str) and "fold" not in series.columns:
+        missing.add("fold")
     if missing:
         raise ValueError(f"series table lacks columns {sorted(missing)}")
-    meta = checkpoints.read_meta(checkpoint_path, "segmenter")
-    seg = segmodels.config_from_meta(meta)
+    seg = _preprocessing(segmenters)
     data_context = ray.data.DataContext.get_current()
     if progress is not None:
         data_context.enable_progress_bars = False
         data_context.print_on_execution_start = False
     layout = resources.segmenter_pool(cfg.resources)
-    rows = series[[*_PASSED, "image_uri", "mask_uri"]].astype(str).to_dict("records")
+    rows = series[[*_PASSED, "image_uri", "mask_uri"]].astype(str).assign(
+        fold=series["fold"].astype(int) if "fold" in series.columns else 0).to_dict("records")
     stream = (
         ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         .map(read_series, fn_kwargs={"max_voxels": cfg.inputs.max_voxels})
         .map(preprocess_series, fn_kwargs={"seg": seg})
         .map_batches(
             Segmenter, batch_size=1,
-            fn_constructor_kwargs={"checkpoint_path": checkpoint_path,
+            fn_constructor_kwargs={"checkpoints": segmenters,
                                    "overlap": cfg.segmentation.inference_overlap,
                                    "sw_batch_size": cfg.segmentation.inference_batch_size,
                                    "threads": layout.threads},
@@ -337,7 +397,7 @@ def run_extraction(series: pd.DataFrame, cfg: Config, checkpoint_path: str, out:
     metrics = metrics.reset_index(drop=True)
     storage.write_table(metrics, tables.path(out, tables.SEGMENTATION_METRICS))
     _remove_stale(out, set(metrics.loc[metrics["error"] == "", "series_id"]))
-    summary = _summary(metrics)
+    summary = score_summary(metrics, segmenter_records)
     if progress is not None:
         progress(f"extraction: {summary['split']} Dice {summary['dice']:.3f} "
                  f"({summary['dice_ci_low']:.3f}-{summary['dice_ci_high']:.3f}), IoU "

@@ -8,11 +8,16 @@ across workers and summed with an all-reduce so every worker takes the same earl
 decision. Each epoch reports a checkpoint (model.pt, optimizer.pt, meta.json with the whole
 training state), so a restarted run with the same storage_path and name resumes where it was;
 Ray keeps the best by validation IoU plus the latest.
+
+`train_folds` cross-fits: one such run per fold of patients (pipeline.segmentation.folds), each
+trained and selected without the patients it will segment, and each checkpoint's meta.json
+records its fold and the patients it trained and selected on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import tempfile
@@ -44,6 +49,7 @@ from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, validate
 from pipeline.data.volumes import MAX_VOXELS
 from pipeline.progress import WorkerProgress, send
+from pipeline.segmentation import folds as crossfit
 from pipeline.segmentation import models as segmodels
 from pipeline.segmentation import preprocess
 from pipeline.segmentation.metrics import dice_iou
@@ -55,12 +61,17 @@ CROP_POOL_VOLUMES = 4  # crops of this many volumes are shuffled together into b
 @dataclass
 class SegmenterResult:
     checkpoint_path: str  # the best checkpoint folder (path or URI): model.pt + meta.json
-    best_val_dice: float
+    best_val_dice: float  # in-sample: on the selection patients that chose this checkpoint
     best_val_iou: float
     epochs_run: int
     history: list[dict]  # one dict per epoch: epoch, train_loss, val_dice, val_iou, seconds
     wall_s: float
     skipped: list[dict] = dataclasses.field(default_factory=list)  # unreadable series: file, reason
+    # As the checkpoint's meta.json records them: the cross-fitting fold (None outside
+    # cross-fitting) and the patients of the series it trained on and selected on.
+    fold: int | None = None
+    training_patients: list[str] = dataclasses.field(default_factory=list)
+    selection_patients: list[str] = dataclasses.field(default_factory=list)
 
 
 def load_training_volume(row: dict, target_spacing_mm, roi_size,
@@ -182,7 +193,8 @@ def train_loop_per_worker(config: dict) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
-                meta = {"segmentation": config["segmentation"], **state, **metrics}
+                meta = {"segmentation": config["segmentation"], **config.get("identity", {}),
+                        **state, **metrics}
                 checkpoints.write(folder, model, meta, optimizer)
                 checkpoint = Checkpoint.from_directory(folder)
                 send(config.get("progress"),
@@ -197,17 +209,22 @@ def train_loop_per_worker(config: dict) -> dict:
 
 
 def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
-                    progress: Callable[[str], None] = print) -> SegmenterResult:
+                    progress: Callable[[str], None] = print,
+                    fold: int | None = None) -> SegmenterResult:
     """Train on the series with split "train", select on split "val" (patient-grouped upstream).
 
     storage_path: a folder or URI for Ray Train's run directory (multi-node clusters need shared
-    storage); re-running with the same storage_path and name resumes that run.
+    storage); re-running with the same storage_path and name resumes that run. Every checkpoint's
+    meta.json records `fold` and the patients of the train and val series.
     """
     seg = cfg.segmentation
     segmodels.build_segmenter(seg)  # fail on bad settings before any Ray work
-    missing = {"series_id", "image_uri", "mask_uri", "split"} - set(series.columns)
+    missing = {"series_id", "patient_id", "image_uri", "mask_uri", "split"} - set(series.columns)
     if missing:
         raise ValueError(f"series table lacks columns {sorted(missing)}")
+    identity = {"fold": fold, **{
+        key: sorted(set(series.loc[series["split"] == split, "patient_id"].astype(str)))
+        for key, split in (("training_patients", "train"), ("selection_patients", "val"))}}
     started = time.perf_counter()
     rows = series[["series_id", "image_uri", "mask_uri", "split"]].to_dict("records")
     volumes = (
@@ -238,6 +255,7 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
             train_loop_per_worker,
             train_loop_config={"segmentation": dataclasses.asdict(seg), "seed": cfg.seed,
                                "threads": layout.threads, "progress": sink,
+                               "identity": identity,
                                "storage_path": storage.absolute(storage_path)},
             scaling_config=ScalingConfig(num_workers=layout.count, use_gpu=layout.gpu,
                                          resources_per_worker=layout.resources()),
@@ -262,8 +280,115 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         history=state["history"], wall_s=time.perf_counter() - started,
         skipped=[{"series_id": r.series_id, "file": r.file, "reason": r.error}
                  for r in skipped.itertuples()],
+        fold=meta.get("fold"), training_patients=list(meta.get("training_patients", [])),
+        selection_patients=list(meta.get("selection_patients", [])),
     )
     progress(f"segmentation: best val Dice {summary.best_val_dice:.3f}, IoU "
              f"{summary.best_val_iou:.3f} after {summary.epochs_run} epochs, "
              f"{summary.wall_s:.0f} s")
     return summary
+
+
+def train_folds(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
+                progress: Callable[[str], None] = print) -> list[SegmenterResult]:
+    """Cross-fitting: one segmenter per fold (pipeline.segmentation.folds), each a Ray Train run
+    of its own named `<name>-fold<k>` under `storage_path`, so an interrupted fold resumes from
+    its last checkpoint. A finished fold's result is kept beside its run (`<run>.json`) and
+    reused, not trained again, by a re-run with the same name. Folds train one after another,
+    or several at once when the cluster holds that many trainers (fold_concurrency)."""
+    seg = cfg.segmentation
+    segmodels.build_segmenter(seg)  # fail on bad settings before any Ray work
+    plans = crossfit.plan(series, seg.folds, seg.val_fraction, cfg.seed)
+    results: dict[int, SegmenterResult] = {}
+    todo = []
+    for plan in plans:
+        run = f"{name}-fold{plan.fold}"
+        if plan.in_sample:
+            progress("segmentation: segmentation.folds=1, no cross-fitting: the segmenter will "
+                     "segment the patients it trained and selected on (in-sample)")
+        finished = _finished_fold(storage_path, run)
+        if finished is not None:
+            progress(f"segmentation fold {plan.fold}: finished in an earlier run, not trained "
+                     f"again ({finished.checkpoint_path})")
+            results[plan.fold] = finished
+        else:
+            todo.append((plan, run))
+    concurrency = fold_concurrency(cfg, len(todo))
+    for plan, _ in todo:
+        progress(f"segmentation fold {plan.fold} of {len(plans)}: trains on "
+                 f"{len(plan.training)} patients, selects on {len(plan.selection)}, segments "
+                 f"{len(plan.segments)}" + (f" ({concurrency} folds at once)"
+                                           if concurrency > 1 else ""))
+    if concurrency <= 1:
+        for plan, run in todo:
+            results[plan.fold] = _train_fold(series, cfg, storage_path, run, plan, progress)
+    else:
+        results.update(_train_concurrently(series, cfg, storage_path, todo, concurrency,
+                                           progress))
+    return [results[plan.fold] for plan in plans]
+
+
+def fold_concurrency(cfg: Config, n_folds: int) -> int:
+    """How many fold trainers run at once: as many as the cluster's total resources hold, each
+    with its training workers (pipeline.resources.training) and a CPU for its Ray Data
+    preprocessing. With the default workers (one per node or per GPU) one trainer fills the
+    cluster, so folds run one after another; on a 2-CPU laptop always."""
+    if n_folds <= 1:
+        return n_folds
+    layout = resources.training(cfg.resources, cfg.segmentation.num_workers)
+    total = ray.cluster_resources()
+    if layout.gpu:
+        fits = int(total.get("GPU", 0)) // layout.count
+    else:
+        fits = int(total.get("CPU", 0) // (layout.count * layout.cpus + 1))
+    return max(1, min(n_folds, fits))
+
+
+def _record_path(storage_path: str, run: str) -> str:
+    return storage.join(storage.absolute(storage_path), f"{run}.json")
+
+
+def _finished_fold(storage_path: str, run: str) -> SegmenterResult | None:
+    """The result a finished run of this name recorded, if its checkpoint is still there."""
+    path = _record_path(storage_path, run)
+    if not storage.exists(path):
+        return None
+    result = SegmenterResult(**json.loads(storage.read_bytes(path)))
+    if not storage.exists(storage.join(result.checkpoint_path, checkpoints.META_FILE)):
+        return None
+    return result
+
+
+def _train_fold(series: pd.DataFrame, cfg: Config, storage_path: str, run: str,
+                plan: crossfit.FoldPlan, progress: Callable[[str], None]) -> SegmenterResult:
+    result = train_segmenter(crossfit.fold_series(series, plan), cfg, storage_path, run,
+                             progress, fold=plan.fold)
+    storage.write_bytes(_record_path(storage_path, run),
+                        json.dumps(dataclasses.asdict(result), default=str).encode())
+    return result
+
+
+def _train_concurrently(series, cfg, storage_path, todo, concurrency, progress
+                        ) -> dict[int, SegmenterResult]:
+    """Each fold's trainer driven from a Ray task of its own (no CPU reserved: its workers and
+    data tasks ask for theirs), at most `concurrency` at once; their lines reach `progress`."""
+    task = ray.remote(num_cpus=0)(_train_fold)
+    results: dict[int, SegmenterResult] = {}
+    running: dict = {}
+    queue = list(todo)
+    with WorkerProgress(progress) as sink:
+        try:
+            while queue or running:
+                while queue and len(running) < concurrency:
+                    plan, run = queue.pop(0)
+                    ref = task.remote(series, cfg, storage_path, run, plan,
+                                      lambda line, sink=sink: send(sink, line))
+                    running[ref] = plan.fold
+                ready, _ = ray.wait(list(running), num_returns=1)
+                for ref in ready:
+                    results[running.pop(ref)] = ray.get(ref)
+        except BaseException:
+            for ref in running:
+                ray.cancel(ref)
+            raise
+    return results

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import stats
 from pipeline.data import checkpoints, storage
 
 PAPER_CHANNELS = (32, 64, 128, 256, 512)
@@ -115,11 +116,17 @@ def disc_iou(output: torch.Tensor, target: torch.Tensor, threshold: float = 0.5,
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def iou_summary(epoch_ious: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
-    """Mean per-disc IoU and its 95% CI over discs (normal approximation, capped at 1)."""
+def iou_summary(epoch_ious: Sequence[float] | np.ndarray, groups=None
+                ) -> tuple[float, float, float]:
+    """Mean per-disc IoU and its 95% CI. With `groups` (the patient of each disc) the CI
+    resamples patients, as every CI of the project does (a spine's discs are not independent);
+    without, over discs (normal approximation, capped at 1)."""
     ious = np.asarray(epoch_ious, dtype=np.float64)
     if ious.size == 0:
         raise ValueError("no per-disc IoUs: the epoch saw no training discs")
+    if groups is not None:
+        estimate = stats.mean_ci(ious, groups=groups)
+        return estimate.value, estimate.ci_low, estimate.ci_high
     mean = float(ious.mean())
     half = 1.96 * float(ious.std(ddof=1)) / math.sqrt(ious.size) if ious.size > 1 else 0.0
     return mean, max(0.0, mean - half), min(1.0, mean + half)

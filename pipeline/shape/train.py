@@ -51,7 +51,7 @@ class EpochStats:
     epoch: int  # epochs trained so far (1 after the first)
     loss: float  # mean training loss over the epochs since the previous entry
     mean_iou: float  # eval-mode mean over ALL training discs after this epoch
-    iou_ci_low: float
+    iou_ci_low: float  # 95% CI resampling patients (discs when their patients are not known)
     iou_ci_high: float
     n_discs: int
     seconds: float
@@ -110,7 +110,8 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
                on_epoch: Callable[[Fit], None] | None = None,
                on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                gather: Callable[[object], list] = _gather_local, loss: str = "bce",
-               lr_at: Callable[[int, int], float] | None = None, eval_every: int = 1) -> Fit:
+               lr_at: Callable[[int, int], float] | None = None, eval_every: int = 1,
+               groups: Sequence | np.ndarray | None = None) -> Fit:
     """Train until the whole-set mean IoU reaches `iou_target`, `stop_rule` fires on the list
     of measured mean IoUs, or `max_epochs` epochs are done (counting those in `history`, so a
     resumed run continues where it stopped).
@@ -130,6 +131,8 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
     gather(obj) -> one obj per process: combines the per-disc IoUs and step counts of data-
         parallel workers (all_gather_object under Ray Train); every process then takes the same
         decisions, and all run the same number of steps per epoch.
+    groups: the patient of each of this process's cubes: the mean IoU's CI then resamples
+        patients (None: discs).
     """
     if batch_size < 1 or max_epochs < 1 or eval_every < 1:
         raise ValueError(f"batch_size, max_epochs and eval_every must be at least 1; got "
@@ -141,6 +144,11 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
     if n_local == 0:
         raise ValueError("no training discs for this worker")
     steps = math.ceil(n_max / batch_size)
+    if groups is not None and len(groups) != n_local:
+        raise ValueError(f"{len(groups)} patient ids for {n_local} cubes")
+    # every process's patients, in the order gather returns their IoUs
+    patients = None if groups is None else np.concatenate(
+        [np.asarray(g, dtype=object) for g in gather(list(groups))])
     net = getattr(model, "module", model)  # eval on the unwrapped model: no DDP collectives
     fit = Fit(list(history))
 
@@ -186,7 +194,7 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
             for name, buffer in net.named_buffers():
                 buffer.copy_(reference[name])
         ious = np.concatenate(gather(evaluate_ious(net, data)))  # every training disc
-        mean, low, high = iou_summary(ious)
+        mean, low, high = iou_summary(ious, patients)
         fit.history.append(EpochStats(
             first + block, float(np.mean(gather(loss_sum / (steps * block)))), mean, low, high,
             int(ious.size), time.perf_counter() - start, has_converged(ious, iou_target)))
@@ -264,7 +272,8 @@ def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
                 report: Callable[[dict, str | None], None], restore_dir: str | None = None,
                 device: torch.device | str = "cpu",
                 prepare: Callable[[nn.Module], nn.Module] | None = None,
-                gather: Callable[[object], list] = _gather_local, rank: int = 0) -> Fit:
+                gather: Callable[[object], list] = _gather_local, rank: int = 0,
+                groups: Sequence | np.ndarray | None = None) -> Fit:
     """Build (or restore) the model and optimizer and run fit_epochs, checkpointing every
     `spec.checkpoint_every` epochs and at the end through `report(metrics, checkpoint_dir)`
     (ray.train.report or ray.tune.report). Only rank 0 writes the checkpoint folder."""
@@ -302,7 +311,7 @@ def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
                       max_epochs=spec.max_epochs, iou_target=spec.iou_target, history=history,
                       seed=spec.seed, device=device, stop_rule=spec.stop_rule(),
                       on_epoch=checkpoint, gather=gather, loss=spec.loss, lr_at=spec.lr_at(),
-                      eval_every=spec.eval_every)
+                      eval_every=spec.eval_every, groups=groups)
 
 
 def _training_filter(cfg: Config) -> list[tuple[str, str, object]]:
@@ -312,24 +321,29 @@ def _training_filter(cfg: Config) -> list[tuple[str, str, object]]:
             ("cube_fits", "=", True)]
 
 
-def load_training_cubes(discs_path: str, cfg: Config) -> np.ndarray:
+def load_training_cubes(discs_path: str, cfg: Config, with_patients: bool = False):
     """(N, S, S, S) uint8 reference-mask cubes of the training splits, in memory (the sweep's
-    laptop path and the benchmark; Ray Train reads them with Ray Data instead)."""
+    laptop path and the benchmark; Ray Train reads them with Ray Data instead); with_patients:
+    (cubes, the patient_id of each)."""
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401  registers the tensor type of the cube column
 
     tables.require_discs(discs_path)
     fs, path = storage.filesystem(discs_path)
-    table = pq.read_table(path, filesystem=fs, columns=[tables.CUBE],
+    table = pq.read_table(path, filesystem=fs, columns=[tables.CUBE, "patient_id"],
                           filters=_training_filter(cfg))
     if table.num_rows == 0:
         raise ValueError(f"{discs_path} has no reference cubes that hold their whole disc in "
                          f"splits {tuple(cfg.autoencoder.train_splits)}")
-    return tables.stack_cubes(table.column(tables.CUBE).combine_chunks())
+    cubes = tables.stack_cubes(table.column(tables.CUBE).combine_chunks())
+    if with_patients:
+        return cubes, np.asarray(table.column("patient_id").to_pylist(), dtype=object)
+    return cubes
 
 
 def training_dataset(discs_path: str, cfg: Config):
-    """Ray Dataset of the cube column of reference-mask discs of the training splits."""
+    """Ray Dataset of the cube and patient_id columns of reference-mask discs of the training
+    splits."""
     import ray.data
     from ray.data.expressions import col
 
@@ -338,7 +352,8 @@ def training_dataset(discs_path: str, cfg: Config):
     for column, op, value in _training_filter(cfg):
         term = col(column).is_in(value) if op == "in" else col(column) == value
         expr = term if expr is None else expr & term
-    return ray.data.read_parquet(discs_path).filter(expr=expr).select_columns([tables.CUBE])
+    return ray.data.read_parquet(discs_path).filter(expr=expr).select_columns(
+        [tables.CUBE, "patient_id"])
 
 
 @dataclass
@@ -346,7 +361,7 @@ class AutoencoderResult:
     checkpoint_path: str
     bottleneck: int
     mean_iou: float  # whole-training-set mean IoU after the last epoch
-    iou_ci_low: float  # 95% CI over discs
+    iou_ci_low: float  # 95% CI resampling patients
     iou_ci_high: float
     epochs: int  # to convergence, to the early stop, or max_epochs
     converged: bool
@@ -360,14 +375,15 @@ def _worker_cubes(shard, rank: int, world: int) -> np.ndarray:
     """This worker's discs: every `world`-th row of the (order-preserving) dataset, so each
     training disc lands on exactly one worker and shards differ by at most one disc. (Ray's
     default equal split would drop up to world-1 discs from the convergence test.)"""
-    cubes, start = [], 0
+    cubes, patients, start = [], [], 0
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
         block = np.asarray(batch[tables.CUBE])
         cubes.append(block[(rank - start) % world::world])
+        patients.append(np.asarray(batch["patient_id"], dtype=object)[(rank - start) % world::world])
         start += len(block)
     if not cubes or sum(len(c) for c in cubes) == 0:
         raise ValueError(f"worker {rank} of {world} got no training discs")
-    return np.concatenate(cubes)
+    return np.concatenate(cubes), np.concatenate(patients)
 
 
 def _all_gather(value) -> list:
@@ -386,7 +402,7 @@ def _train_loop_per_worker(config: dict) -> dict:
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    cubes = _worker_cubes(ray.train.get_dataset_shard("train"), rank, world)
+    cubes, patients = _worker_cubes(ray.train.get_dataset_shard("train"), rank, world)
 
     def report(metrics: dict, folder: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
@@ -402,7 +418,8 @@ def _train_loop_per_worker(config: dict) -> dict:
         fit = train_cubes(cubes, spec, report=report, restore_dir=folder, device=device,
                           prepare=functools.partial(ray.train.torch.prepare_model,
                                                     move_to_device=device),
-                          gather=_gather_local if world == 1 else _all_gather, rank=rank)
+                          gather=_gather_local if world == 1 else _all_gather, rank=rank,
+                          groups=patients)
     return {**fit_summary(fit), "history": [asdict(s) for s in fit.history],
             "threads": torch.get_num_threads()}
 
