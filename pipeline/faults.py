@@ -8,18 +8,26 @@ disk, a URI (`s3://bucket/faults/marker`). The first process that reaches the po
 marker, then signals itself; the marker is gone when Ray restarts it, so the retry runs on. A
 local deletion succeeds for one process only; on an object store, name a point that only one
 process reaches (a rank-0 point). Without the variable (every real run) a point is one lookup.
+
+A point may also wait for a condition before it fires (say, Ray Train's controller has committed
+the previous checkpoint), so where a restart resumes is decided by the test, not by a race.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Callable
 
 MARKER_ENV = "SPINE_DISCS_TEST_FAULT_MARKER"
+READY_TIMEOUT_S = 300  # a hang guard: a condition that never holds is a broken test
 
 
-def point(name: str, signum: int = signal.SIGKILL) -> None:
-    """Send this process `signum` if the test's marker file names this point (once)."""
+def point(name: str, signum: int = signal.SIGKILL,
+          ready: Callable[[], bool] | None = None) -> None:
+    """Send this process `signum` if the test's marker file names this point (once), after
+    `ready()` holds when given."""
     marker = os.environ.get(MARKER_ENV)
     if not marker:
         return
@@ -34,4 +42,9 @@ def point(name: str, signum: int = signal.SIGKILL) -> None:
         fs.delete_file(path)  # the fault happens once: a restarted process finds no marker
     except FileNotFoundError:
         return
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while ready is not None and not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fault point {name!r}: its condition never held")
+        time.sleep(0.2)
     os.kill(os.getpid(), signum)

@@ -15,6 +15,7 @@ pools and the sweep's trials, from the config's GPU intent and the cluster's sha
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -191,6 +192,14 @@ def torch_backend(layout: Layout) -> str:
         return "gloo"
     import ray
 
+    return _gpu_backend(ray.get_runtime_context().gcs_address)
+
+
+@functools.cache
+def _gpu_backend(cluster: str) -> str:
+    """torch_backend's probe, asked once per cluster (a job trains one segmenter per fold)."""
+    import ray
+
     @ray.remote(num_gpus=1, num_cpus=0)
     def has_cuda() -> bool:
         import torch
@@ -215,6 +224,8 @@ def torch_device(train_worker: bool = False):
 
     global _said_no_cuda
     if torch.cuda.is_available():
+        # Ray Train shows a worker all of its node's training GPUs (for NCCL) and picks the
+        # local rank's; any other actor sees only the GPU Ray granted it, as cuda:0.
         if train_worker:
             import ray.train.torch
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import config
+from pipeline import config, faults
 from pipeline.data import cohort, storage, tables
 from pipeline.data.synthetic import synthesize
 from pipeline.segmentation import models as segmodels
@@ -99,6 +99,24 @@ def test_a_failed_staged_write_leaves_the_old_table(tmp_path):
         raise RuntimeError("worker died mid-write")
     assert pd.read_parquet(location)["z0"].tolist() == [1.0]
     assert [p.name for p in tmp_path.iterdir()] == ["latents.parquet"]
+
+
+def test_a_fault_point_fires_once_and_only_after_its_condition_holds(fault_marker):
+    """Where a killed training worker resumes must not depend on how fast the controller
+    polls: the point waits until the last checkpoint is committed (its `ready`)."""
+    fired, polls = [], []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: fired.append(len(polls)))
+    try:
+        faults.point("segtrain rank 0 epoch 2", signal.SIGUSR1, ready=lambda: True)
+        assert not fired, "a point the marker does not name must not fire"
+        fault_marker.write_text("segtrain rank 0 epoch 2")
+        ready = lambda: polls.append(1) or len(polls) >= 3  # noqa: E731
+        faults.point("segtrain rank 0 epoch 2", signal.SIGUSR1, ready=ready)
+        assert fired == [3] and not fault_marker.exists()
+        faults.point("segtrain rank 0 epoch 2", signal.SIGUSR1, ready=ready)  # a restart
+        assert fired == [3]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_an_interrupted_job_resumes_to_the_same_tables(small_cohort, tmp_path, ray_session,

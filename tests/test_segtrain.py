@@ -86,3 +86,17 @@ def test_bad_settings_fail_before_any_training(cohort, tmp_path):
     with pytest.raises(ValueError, match="split"):
         segtrain.train_segmenter(cohort.drop(columns="split"), _quick_config(), str(tmp_path),
                                  "never")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_each_worker_scores_its_own_part_of_the_validation_set(ray_session, workers):
+    """Every validation volume is scored by exactly one worker, even with more workers than
+    volumes (Ray Train's equal split would drop the odd ones)."""
+    import ray.data
+
+    val = ray.data.from_items([{"series_id": str(i)} for i in range(3)],
+                              override_num_blocks=3).materialize()
+    parts = segtrain.val_parts(val, workers)
+    assert list(parts) == [f"val{rank}" for rank in range(workers)]
+    scored = [row["series_id"] for part in parts.values() for row in part.iter_rows()]
+    assert sorted(scored) == ["0", "1", "2"]

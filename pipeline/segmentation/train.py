@@ -33,7 +33,6 @@ import torch
 from monai.data import set_track_meta
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from ray.data.expressions import col
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -43,6 +42,7 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchConfig, TorchTrainer, prepare_model
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from pipeline import faults, resources
 from pipeline.config import Config, SegmentationConfig
@@ -91,6 +91,12 @@ def load_training_volume(row: dict, target_spacing_mm, roi_size,
             "label": preprocess.preprocess_mask(mask.array, grid)}
 
 
+def _usable(dataset) -> Iterator[dict]:
+    """The rows of volumes that were read: an unreadable series stays in its split's dataset
+    as an empty row (filtering would copy every volume) and is skipped here."""
+    return (row for row in dataset.iter_rows() if not row["error"])
+
+
 def _crop_batches(shard, transform, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Random crops of the shard's volumes, shuffled within a small pool, in batches."""
     pool: list[dict] = []
@@ -102,7 +108,7 @@ def _crop_batches(shard, transform, batch_size: int) -> Iterator[tuple[torch.Ten
             yield (torch.stack([c["image"] for c in chunk]),
                    torch.stack([c["label"] for c in chunk]).float())
 
-    for n, row in enumerate(shard.iter_rows(), start=1):
+    for n, row in enumerate(_usable(shard), start=1):
         sample = {"image": np.array(row["image"])[None], "label": np.array(row["label"])[None]}
         pool.extend(transform(sample))
         if n % CROP_POOL_VOLUMES == 0:
@@ -111,23 +117,20 @@ def _crop_batches(shard, transform, batch_size: int) -> Iterator[tuple[torch.Ten
     yield from drain(pool)
 
 
-def _validate(model, val_iterator, seg: SegmentationConfig, device) -> dict[str, float]:
-    """Mean Dice and IoU over whole validation volumes (model grid), shared out across workers."""
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+def _validate(model, val_part, seg: SegmentationConfig, device) -> dict[str, float]:
+    """Mean Dice and IoU over whole validation volumes (model grid): each worker scores its own
+    part of the validation set (`val_parts`), and the sums are all-reduced."""
     network = getattr(model, "module", model)  # DDP's forward would wait for the other ranks
     network.eval()
     totals = torch.zeros(3, dtype=torch.float64)
     with torch.inference_mode():
-        for index, row in enumerate(val_iterator.iter_rows()):
-            if index % world != rank:
-                continue
+        for row in _usable(val_part):
             image = torch.from_numpy(np.array(row["image"]))[None, None].to(device)
             logits = sliding_window_inference(image, seg.roi_size, seg.batch_size, network,
                                               overlap=seg.inference_overlap, mode="gaussian")
             dice, iou = dice_iou((logits[0, 0] > 0).cpu().numpy(), row["label"])
             totals += torch.tensor([dice, iou, 1.0], dtype=torch.float64)
-    if world > 1:
+    if ray.train.get_context().get_world_size() > 1:
         reduced = totals.to(device)
         torch.distributed.all_reduce(reduced)
         totals = reduced.cpu()
@@ -153,6 +156,20 @@ def _resume_state(model, optimizer, config: dict) -> dict:
                                        "history")}
 
 
+def _committed_epoch(storage_path: str) -> int:
+    """The epoch of the newest checkpoint Ray Train's controller has committed for this run (0
+    if none): the one a restart resumes from. The controller registers a reported checkpoint
+    when it next polls the workers, and then writes this snapshot."""
+    run = storage.join(storage_path, ray.train.get_context().get_experiment_name())
+    try:
+        snapshot = json.loads(storage.read_bytes(
+            storage.join(run, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)))
+    except (FileNotFoundError, ValueError):  # none yet, or caught mid-write
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {"metrics": {"epoch": 0}}
+    return int(latest["metrics"]["epoch"])
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker loop. config: segmentation (asdict of SegmentationConfig), seed,
     threads (torch threads for this worker's CPU share), progress (a WorkerProgress sink),
@@ -171,7 +188,7 @@ def train_loop_per_worker(config: dict) -> dict:
     transform = preprocess.training_transform(seg.roi_size, seg.crops_per_volume,
                                               seed=config["seed"] + 1000 * state["epoch"] + rank)
     train_shard = ray.train.get_dataset_shard("train")
-    val_iterator = ray.train.get_dataset_shard("val")
+    val_part = ray.train.get_dataset_shard(f"val{rank}")
     while state["epoch"] < seg.epochs and state["epoch"] - state["best_epoch"] < seg.patience:
         started = time.perf_counter()
         model.train()
@@ -182,7 +199,7 @@ def train_loop_per_worker(config: dict) -> dict:
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        metrics = _validate(model, val_iterator, seg, device)
+        metrics = _validate(model, val_part, seg, device)
         state["epoch"] += 1
         if metrics[SCORE] > state["best_val_iou"]:
             state.update(best_epoch=state["epoch"], best_val_iou=metrics["val_iou"],
@@ -202,10 +219,20 @@ def train_loop_per_worker(config: dict) -> dict:
                      f"{metrics['train_loss']:.3f}, val Dice {metrics['val_dice']:.3f}, IoU "
                      f"{metrics['val_iou']:.3f} (best {state['best_val_iou']:.3f} at epoch "
                      f"{state['best_epoch']}), {metrics['seconds']:.1f} s")
-            # dies with this epoch's checkpoint unreported: the restart resumes from the last one
-            faults.point(f"segtrain rank {rank} epoch {state['epoch']}")
+            # dies with this epoch's checkpoint unreported, once the last one is committed: the
+            # restart resumes from it
+            faults.point(f"segtrain rank {rank} epoch {state['epoch']}", ready=lambda: (
+                _committed_epoch(config["storage_path"]) >= state["epoch"] - 1))
             ray.train.report(metrics, checkpoint=checkpoint)
     return state
+
+
+def val_parts(val, workers: int) -> dict:
+    """The validation set cut into one part per training worker (`val0`, `val1`, ...) without a
+    copy, so each worker reads only the volumes it scores. (Ray Train's own split would drop
+    rows to make the parts equal, and with fewer volumes than workers, all of them.)"""
+    parts = val.split(workers) if workers > 1 else [val]
+    return {f"val{rank}": part for rank, part in enumerate(parts)}
 
 
 def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
@@ -226,28 +253,32 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         key: sorted(set(series.loc[series["split"] == split, "patient_id"].astype(str)))
         for key, split in (("training_patients", "train"), ("selection_patients", "val"))}}
     started = time.perf_counter()
-    rows = series[["series_id", "image_uri", "mask_uri", "split"]].to_dict("records")
-    volumes = (
-        ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        .map(load_training_volume,
-             fn_kwargs={"target_spacing_mm": tuple(seg.target_spacing_mm),
-                        "roi_size": tuple(seg.roi_size),
-                        "max_voxels": cfg.inputs.max_voxels})
-        .materialize()
-    )
-    status = volumes.select_columns(["series_id", "split", "error", "file"]).to_pandas()
-    skipped = status[status["error"] != ""]
-    for bad in skipped.itertuples():
-        progress(f"segmentation: skipping {bad.series_id}: {bad.error}")
-    datasets = {}
-    for split in ("train", "val"):
-        usable = int(((status["split"] == split) & (status["error"] == "")).sum())
+    layout = resources.training(cfg.resources, seg.num_workers)
+    volumes, statuses = {}, []
+    for split in ("train", "val"):  # preprocessed once, held once: one dataset per split
+        rows = series.loc[series["split"] == split,
+                          ["series_id", "image_uri", "mask_uri", "split"]].to_dict("records")
+        if not rows:
+            raise ValueError(f"no {split!r} series to train the segmenter with")
+        volumes[split] = (
+            ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+            .map(load_training_volume,
+                 fn_kwargs={"target_spacing_mm": tuple(seg.target_spacing_mm),
+                            "roi_size": tuple(seg.roi_size),
+                            "max_voxels": cfg.inputs.max_voxels})
+            .materialize()
+        )
+        status = volumes[split].select_columns(["series_id", "error", "file"]).to_pandas()
+        for bad in status[status["error"] != ""].itertuples():
+            progress(f"segmentation: skipping {bad.series_id}: {bad.error}")
+        usable = int((status["error"] == "").sum())
         if not usable:
             raise ValueError(f"no usable {split!r} series to train the segmenter with")
-        datasets[split] = volumes.filter(
-            expr=(col("split") == split) & (col("error") == "")).materialize()
         progress(f"segmentation: {usable} {split} series preprocessed")
-    layout = resources.training(cfg.resources, seg.num_workers)
+        statuses.append(status)
+    status = pd.concat(statuses, ignore_index=True)
+    skipped = status[status["error"] != ""]
+    datasets = {"train": volumes["train"], **val_parts(volumes["val"], layout.count)}
     progress(f"segmentation: training {seg.model} on {layout.count} worker(s), "
              f"{'a GPU and ' if layout.gpu else ''}{layout.cpus:g} CPU each")
     with WorkerProgress(progress) as sink:
@@ -267,7 +298,7 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
                 failure_config=FailureConfig(max_failures=2),
             ),
             datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),
+            dataset_config=DataConfig(datasets_to_split=["train"]),  # val: val_parts
         )
         result = trainer.fit()
     state = result.return_value
