@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 # OpenMP's default wait policy spins idle torch threads: a 2-thread training step shares two
-# cores with Ray's own processes (Ray Data, the raylet, the driver) and, spinning, one step of
-# the test UNet took 0.8-1.4 s instead of 0.07 s (bench/omp_wait_policy.py). Passive waiting
-# costs nothing measurable on an idle machine.
+# cores with Ray's own processes (Ray Data, the raylet, the driver), and on a loaded machine a
+# spinning step of the demo UNet took 2.16 s instead of 0.19 s (bench/omp_wait_policy.py; 1.31x
+# beside one half-busy process). Passive waiting costs nothing measurable on an idle machine.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
