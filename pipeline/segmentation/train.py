@@ -254,14 +254,15 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         for key, split in (("training_patients", "train"), ("selection_patients", "val"))}}
     started = time.perf_counter()
     layout = resources.training(cfg.resources, seg.num_workers)
-    volumes, statuses = {}, []
+    volumes, skipped = {}, []
     for split in ("train", "val"):  # preprocessed once, held once: one dataset per split
         rows = series.loc[series["split"] == split,
                           ["series_id", "image_uri", "mask_uri", "split"]].to_dict("records")
+        no_usable = ValueError(f"no usable {split!r} series to train the segmenter with")
         if not rows:
-            raise ValueError(f"no {split!r} series to train the segmenter with")
+            raise no_usable
         volumes[split] = (
-            ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+            ray.data.from_items(rows, override_num_blocks=len(rows))
             .map(load_training_volume,
                  fn_kwargs={"target_spacing_mm": tuple(seg.target_spacing_mm),
                             "roi_size": tuple(seg.roi_size),
@@ -269,15 +270,14 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
             .materialize()
         )
         status = volumes[split].select_columns(["series_id", "error", "file"]).to_pandas()
-        for bad in status[status["error"] != ""].itertuples():
-            progress(f"segmentation: skipping {bad.series_id}: {bad.error}")
-        usable = int((status["error"] == "").sum())
+        bad = status[status["error"] != ""]
+        for row in bad.itertuples():
+            progress(f"segmentation: skipping {row.series_id}: {row.error}")
+            skipped.append({"series_id": row.series_id, "file": row.file, "reason": row.error})
+        usable = len(status) - len(bad)
         if not usable:
-            raise ValueError(f"no usable {split!r} series to train the segmenter with")
+            raise no_usable
         progress(f"segmentation: {usable} {split} series preprocessed")
-        statuses.append(status)
-    status = pd.concat(statuses, ignore_index=True)
-    skipped = status[status["error"] != ""]
     datasets = {"train": volumes["train"], **val_parts(volumes["val"], layout.count)}
     progress(f"segmentation: training {seg.model} on {layout.count} worker(s), "
              f"{'a GPU and ' if layout.gpu else ''}{layout.cpus:g} CPU each")
@@ -309,8 +309,7 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         checkpoint_path=path, best_val_dice=float(meta["val_dice"]),
         best_val_iou=float(meta["val_iou"]), epochs_run=int(state["epoch"]),
         history=state["history"], wall_s=time.perf_counter() - started,
-        skipped=[{"series_id": r.series_id, "file": r.file, "reason": r.error}
-                 for r in skipped.itertuples()],
+        skipped=skipped,
         fold=meta.get("fold"), training_patients=list(meta.get("training_patients", [])),
         selection_patients=list(meta.get("selection_patients", [])),
     )
