@@ -1,13 +1,21 @@
-"""Shared fixtures: one Ray instance per test session, and the real SPIDER fixture mask."""
+"""Shared fixtures: one Ray instance per test session, the real SPIDER fixture mask, and one tiny
+job over a corrupted cohort that the fault, bad-input and stale-run tests all examine."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline import faults, resources
+from tests.shared_job import SharedJob, job_settings, set_args
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -48,3 +56,73 @@ def ray_session(fault_marker):
                  configure_logging=False, runtime_env=resources.runtime_env())
     yield ray
     ray.shutdown()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def bad_cohorts(tmp_path_factory) -> dict[str, Path]:
+    """A clean six-patient cohort, a corrupted copy (tests/bad_inputs.py) and one whose gradings
+    lack required columns."""
+    from pipeline.data.synthetic import synthesize
+    from tests import bad_inputs
+
+    base = tmp_path_factory.mktemp("bad_cohorts")
+    clean = base / "clean"
+    synthesize(str(clean), patients=6, seed=0, sequences=("t1",))
+    return {"clean": clean,
+            "corrupt": bad_inputs.make_corpus(base / "corrupt", clean),
+            "no_columns": bad_inputs.gradings_missing_columns(base / "no_columns", clean),
+            "base": base}
+
+
+@pytest.fixture(scope="session")
+def shared_job(bad_cohorts, ray_session, fault_marker) -> SharedJob:
+    """The first run is a separate process joined to the session's Ray (it is interrupted as a
+    user would interrupt it); the resumed run is `run_pipeline.main` in this process."""
+    from jobs import run_pipeline
+
+    out = bad_cohorts["base"] / "job"
+    args = ["--data", str(bad_cohorts["corrupt"]), "--out", str(out),
+            *set_args(job_settings())]
+    command = [sys.executable, "jobs/run_pipeline.py", *args,
+               "--address", ray_session.get_runtime_context().gcs_address]
+    fault_marker.write_text("extraction record 1")
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    try:
+        interrupted, _ = job.communicate(timeout=1200)  # a hang guard only
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # a job still running at the timeout
+        job.wait()
+    fired = not fault_marker.exists()
+    fault_marker.unlink(missing_ok=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = run_pipeline.main(args)
+    checkpoint = json.loads((out / "manifest.json").read_text())["stages"]["segtrain"][
+        "results"]["folds"][0]["checkpoint"]
+    return SharedJob(out, args, job.returncode, interrupted, fired, manifest, code,
+                     printed.getvalue(), checkpoint)
+
+
+@pytest.fixture(scope="session")
+def clean_extraction(bad_cohorts, shared_job) -> Path:
+    """The clean cohort alone through catalog and extraction with the shared job's segmenter,
+    uninterrupted: every good series of the job must come out exactly so."""
+    from pipeline import config
+    from pipeline.data import cohort
+    from pipeline.segmentation import stream
+
+    out = bad_cohorts["base"] / "clean_out"
+    found = cohort.catalog(str(bad_cohorts["clean"]), sequence="t1", val_fraction=0.2, seed=0,
+                           folds=1)
+    assert not found.problems
+    result = stream.run_extraction(found.series, config.load("demo", job_settings()),
+                                    shared_job.checkpoint, str(out), progress=None)
+    assert not result.errors
+    return out

@@ -1,6 +1,6 @@
-"""Failures from outside: a write killed half-way, a job interrupted half-way, a training worker
-and a Segmenter actor killed mid-run. Each must leave outputs whole and a re-run (or Ray's own
-retry) must finish with the same rows, none lost or duplicated.
+"""Failures from outside: a write killed half-way, a job interrupted half-way, a Segmenter actor
+killed mid-run (a killed training worker: tests/test_stale.py). Each must leave outputs whole and
+a re-run (or Ray's own retry) must finish with the same rows, none lost or duplicated.
 
 The job, the training worker and the Segmenter signal themselves at a point the test names in the
 session's fault marker (pipeline.faults), so whether and where a fault happens never depends on
@@ -9,9 +9,6 @@ how busy the machine is.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,15 +22,10 @@ import pytest
 
 from pipeline import config, faults
 from pipeline.data import cohort, storage, tables
-from pipeline.data.synthetic import synthesize
-from pipeline.segmentation import models as segmodels
 from pipeline.segmentation import stream
-from pipeline.segmentation.train import train_segmenter
-from tests.test_end_to_end import TINY
+from tests.shared_job import job_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = [item for item in TINY if not item.startswith("synthetic.")] + [
-    "segmentation.epochs=1", "segmentation.folds=1"]
 COLUMNS = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + ["match_dice", "disc_status"]
 
 
@@ -42,16 +34,6 @@ def _no_fault_left_behind(fault_marker):
     """A fault a test planted but never reached must not fire in a later test."""
     yield
     fault_marker.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
-def small_cohort(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
-    """Five synthetic patients (four train, one val by overview.csv's subset) and their series."""
-    root = tmp_path_factory.mktemp("faults") / "data"
-    synthesize(str(root), patients=5, seed=0, sequences=("t1",))
-    series = cohort.catalog(str(root), sequence="t1", val_fraction=0.2, seed=0).series
-    assert set(series["split"]) == {"train", "val"}
-    return root, series
 
 
 def _discs(out: Path) -> pd.DataFrame:
@@ -119,97 +101,47 @@ def test_a_fault_point_fires_once_and_only_after_its_condition_holds(fault_marke
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_an_interrupted_job_resumes_to_the_same_tables(small_cohort, tmp_path, ray_session,
-                                                       fault_marker):
-    root, _ = small_cohort
-    out = tmp_path / "out"
-    # The job joins the session's Ray: a second Ray starting on a loaded machine timed out
-    # ("The current node timed out during startup") before the job wrote anything.
-    command = [sys.executable, "jobs/run_pipeline.py", "--data", str(root), "--out", str(out),
-               "--stages", "catalog,segtrain,extract",
-               "--address", ray_session.get_runtime_context().gcs_address]
-    command += [a for item in FAST for a in ("--set", item)]
-    # Ctrl-C once the first of five series is back: the others in flight or not yet read
-    fault_marker.write_text("extraction record 1")
-    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True)
-    try:
-        output, _ = job.communicate(timeout=1200)  # a hang guard only: catalog, 1 epoch, extract
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)  # a job still running at the timeout
-        job.wait()
-    assert not fault_marker.exists(), f"the job never reached the fault point:\n{output}"
-    assert job.returncode == 130, output
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["stages"]["segtrain"]["status"] == "done"
-    assert manifest["stages"]["extract"]["status"] == "interrupted"
+def test_an_interrupted_job_resumes_to_the_same_tables(shared_job, bad_cohorts,
+                                                       clean_extraction):
+    """Ctrl-C once the first series is back (the others in flight or not yet read), then the same
+    command: finished stages are skipped and every row, reference and predicted, is what an
+    uninterrupted extraction of the good series with the same segmenter gives."""
+    output = shared_job.interrupted_output
+    assert shared_job.interrupt_fired, f"the job never reached the fault point:\n{output}"
+    assert shared_job.interrupted_code == 130, output
+    stages = shared_job.interrupted_manifest["stages"]
+    assert stages["segtrain"]["status"] == "done"
+    assert stages["extract"]["status"] == "interrupted"
 
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "segtrain   skipped" in rerun.stdout and "catalog    skipped" in rerun.stdout
-
-    # The same checkpoint, uninterrupted: every row (reference and predicted) must agree.
-    checkpoint = json.loads((out / "manifest.json").read_text())["stages"]["segtrain"][
-        "results"]["folds"][0]["checkpoint"]
-    series = pd.read_parquet(tables.path(str(out), tables.SERIES))
-    fresh = tmp_path / "fresh"
-    stream.run_extraction(series, config.load("demo", FAST), checkpoint, str(fresh),
-                           progress=None)
-    pd.testing.assert_frame_equal(_discs(out), _discs(fresh))
-    catalogued = cohort.catalog(str(root), sequence="t1", val_fraction=0.2, seed=0).series
+    assert shared_job.code == 3, shared_job.output[-3000:]  # finished, bad inputs quarantined
+    assert "segtrain   skipped" in shared_job.output
+    assert "catalog    skipped" in shared_job.output
+    pd.testing.assert_frame_equal(_discs(shared_job.out), _discs(clean_extraction))
+    series = pd.read_parquet(tables.path(str(shared_job.out), tables.SERIES))
+    catalogued = cohort.catalog(str(bad_cohorts["corrupt"]), sequence="t1", val_fraction=0.2,
+                                seed=0).series
     pd.testing.assert_frame_equal(series, catalogued)
 
 
-@pytest.fixture(scope="module")
-def killed_training(small_cohort, tmp_path_factory, ray_session, fault_marker) -> dict:
-    """Two epochs of segmenter training whose rank-0 worker SIGKILLs itself after training
-    epoch 2, before reporting it; FailureConfig restarts the run from epoch 1's checkpoint."""
-    _, series = small_cohort
-    cfg = config.load("demo", [*FAST, "segmentation.epochs=2", "segmentation.patience=2"])
-    storage_path = tmp_path_factory.mktemp("killed_training")
-    fault_marker.write_text("segtrain rank 0 epoch 2")
-    result = train_segmenter(series, cfg, storage_path=str(storage_path), name="segmenter",
-                             progress=lambda line: None)
-    metas = [json.loads(p.read_text())
-             for p in storage_path.glob("segmenter/checkpoint_*/meta.json")]
-    return {"result": result, "killed": not fault_marker.exists(), "cfg": cfg,
-            "before": [m for m in metas if m["epoch"] == 1]}
-
-
-def test_a_killed_training_worker_resumes_from_its_checkpoint(killed_training):
-    result, cfg = killed_training["result"], killed_training["cfg"]
-    assert killed_training["killed"], "no training worker was killed"
-    # One checkpoint per epoch: epoch 1 was not trained again after the kill.
-    assert len(killed_training["before"]) == 1
-    assert result.epochs_run == cfg.segmentation.epochs
-    assert [h["epoch"] for h in result.history] == list(range(1, cfg.segmentation.epochs + 1))
-    # Epoch 1 was not trained again after the kill: its record is the checkpoint's, to the bit.
-    assert result.history[0] == killed_training["before"][0]["history"][0]
-    model, meta = segmodels.load_segmenter(result.checkpoint_path)
-    assert meta["epoch"] in (1, 2) and model is not None
-
-
-def test_a_killed_segmenter_actor_loses_and_duplicates_no_rows(small_cohort, killed_training,
-                                                               tmp_path, fault_marker):
+def test_a_killed_segmenter_actor_loses_and_duplicates_no_rows(shared_job, bad_cohorts,
+                                                               clean_extraction, tmp_path,
+                                                               fault_marker):
     """Ray Data restarts the actor and resubmits its series; per-series files make the retry
     overwrite rather than append."""
-    _, series = small_cohort
+    series = cohort.catalog(str(bad_cohorts["clean"]), sequence="t1", val_fraction=0.2,
+                            seed=0).series
     out = tmp_path / "killed"
-    cfg = config.load("demo", FAST)
-    checkpoint = killed_training["result"].checkpoint_path
     fault_marker.write_text("segmenter call 2")  # dies holding the second series' prediction
-    result = stream.run_extraction(series, cfg, checkpoint, str(out), progress=None)
+    result = stream.run_extraction(series, config.load("demo", job_settings()),
+                                   shared_job.checkpoint, str(out), progress=None)
     assert not fault_marker.exists(), "no Segmenter actor was killed"
     assert not result.errors
     assert sorted(result.metrics["series_id"]) == sorted(series["series_id"])
-    fresh = tmp_path / "fresh"
-    stream.run_extraction(series, cfg, checkpoint, str(fresh), progress=None)
-    killed_rows, fresh_rows = _discs(out), _discs(fresh)
+    killed_rows = _discs(out)
     # Keys repeat legitimately only for predicted components that are split or unmatched
     # (ivd_label -1); a retried series must not add any other repeat.
     ok = killed_rows[killed_rows.disc_status == "ok"]
     assert not ok.duplicated(tables.DISC_KEYS).any()
-    pd.testing.assert_frame_equal(killed_rows, fresh_rows)
+    pd.testing.assert_frame_equal(killed_rows, _discs(clean_extraction))
     assert np.isfinite(killed_rows.loc[killed_rows.mask_source == "reference",
                                        "volume_mm3"]).all()

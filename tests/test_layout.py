@@ -5,6 +5,8 @@
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,16 @@ def test_the_check_sees_imports_inside_functions_and_ranks_them():
     # the import this layout removed (validate took BadInput from preprocess) would fail
     assert LAYERS[_package("pipeline.segmentation.preprocess")] > LAYERS[
         _package("pipeline.data.validate")]
+
+
+def test_the_workers_that_read_preprocess_and_measure_never_import_monai():
+    """MONAI's __init__ imports all of MONAI (4-8 s of CPU per process): the modules whose
+    functions Ray Data runs on CPU workers import it only where a network is built or run."""
+    modules = ["pipeline.segmentation.preprocess", "pipeline.segmentation.stream",
+               "pipeline.segmentation.models", "pipeline.shape.encode"]
+    check = (f"import sys; import {', '.join(modules)}; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

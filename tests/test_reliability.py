@@ -6,7 +6,6 @@ stops at the first one; checkpoints and CSV paths cannot execute code or escape 
 from __future__ import annotations
 
 import ast
-import json
 import os
 import pickle
 from pathlib import Path
@@ -19,54 +18,20 @@ import torch
 from jobs import run_pipeline
 from pipeline import config
 from pipeline.data import checkpoints, cohort, storage, tables
-from pipeline.data.synthetic import synthesize
-from pipeline.segmentation import stream
-from pipeline.segmentation import train as segtrain
+from pipeline.segmentation import preprocess, stream
 from tests import bad_inputs
-from tests.test_end_to_end import TINY
+from tests.shared_job import job_settings, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_SERIES = [f"{p}_t1" for p in range(1, 7)]
-SETTINGS = [a for item in [*TINY, f"inputs.max_voxels={bad_inputs.MAX_VOXELS}",
-                            "segmentation.folds=1"]
-            for a in ("--set", item)]
 PLANTED = ["113_t1", "114_t1", "115_t1"]  # headers pointing outside the corpus, or oversized
 
 
 @pytest.fixture(scope="module")
-def cohorts(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("reliability")
-    clean = base / "clean"
-    synthesize(str(clean), patients=6, seed=0, sequences=("t1",))
-    return {"clean": clean,
-            "corrupt": bad_inputs.make_corpus(base / "corrupt", clean),
-            "no_columns": bad_inputs.gradings_missing_columns(base / "no_columns", clean),
-            "base": base}
-
-
-@pytest.fixture(scope="module")
-def corrupt_run(cohorts, ray_session) -> tuple[Path, int]:
-    out = cohorts["base"] / "corrupt_out"
-    code = run_pipeline.main(["--data", str(cohorts["corrupt"]), "--out", str(out), *SETTINGS])
-    return out, code
-
-
-def _checkpoint(out: Path) -> str:
-    manifest = json.loads((out / "manifest.json").read_text())
-    return manifest["stages"]["segtrain"]["results"]["folds"][0]["checkpoint"]
-
-
-@pytest.fixture(scope="module")
-def clean_extraction(cohorts, corrupt_run) -> Path:
-    """The clean cohort alone through catalog and extraction, with the corrupted run's segmenter:
-    reference rows do not depend on the model, so they must match the corrupted run's exactly."""
-    out = cohorts["base"] / "clean_out"
-    found = cohort.catalog(str(cohorts["clean"]), sequence="t1", val_fraction=0.2, seed=0)
-    assert not found.problems
-    result = stream.run_extraction(found.series, config.load("demo", TINY),
-                                    _checkpoint(corrupt_run[0]), str(out), progress=None)
-    assert not result.errors
-    return out
+def corrupt_run(shared_job) -> tuple[Path, int]:
+    """The whole job over the corrupted cohort (tests/conftest.py; interrupted once and resumed,
+    which tests/test_faults.py examines)."""
+    return shared_job.out, shared_job.code
 
 
 def _errors(out: Path) -> pd.DataFrame:
@@ -80,10 +45,10 @@ def test_whole_job_over_bad_inputs_is_partial(corrupt_run):
 
 
 @pytest.mark.parametrize("case", bad_inputs.CASES, ids=lambda c: c.name)
-def test_every_bad_input_is_quarantined_with_a_readable_reason(corrupt_run, cohorts, case):
+def test_every_bad_input_is_quarantined_with_a_readable_reason(corrupt_run, bad_cohorts, case):
     out, _ = corrupt_run
     errors = _errors(out)
-    location = str(cohorts["corrupt"] / case.file)
+    location = str(bad_cohorts["corrupt"] / case.file)
     rows = errors[(errors["file"] == location) & (errors["stage"] == case.stage)]
     matching = [r for r in rows["reason"] if all(w in r.lower() for w in case.words)]
     assert matching, f"{case.name}: no {case.stage} error for {location} saying {case.words}; " \
@@ -134,8 +99,8 @@ def test_planted_headers_leak_nothing_into_the_outputs(corrupt_run):
     assert not leaked
 
 
-def test_training_loader_skips_bad_volumes_with_the_reason(cohorts):
-    root = cohorts["corrupt"]
+def test_training_loader_skips_bad_volumes_with_the_reason(bad_cohorts):
+    root = bad_cohorts["corrupt"]
     seg = config.demo().segmentation
     for series_id, file, words in [("107_t1", "masks/107_t1.mha", "no disc labels"),
                                    ("110_t1", "images/110_t1.mha", "constant"),
@@ -143,40 +108,40 @@ def test_training_loader_skips_bad_volumes_with_the_reason(cohorts):
         row = {"series_id": series_id, "split": "train",
                "image_uri": str(root / "images" / f"{series_id}.mha"),
                "mask_uri": str(root / "masks" / f"{series_id}.mha")}
-        record = segtrain.load_training_volume(row, seg.target_spacing_mm, seg.roi_size)
+        record = preprocess.load_training_volume(row, seg.target_spacing_mm, seg.roi_size)
         assert record["image"].size == 0
         assert record["file"] == str(root / file)
         assert words in record["error"]
 
 
-def test_strict_stops_at_the_first_bad_input(cohorts, tmp_path, capsys, ray_session):
+def test_strict_stops_at_the_first_bad_input(bad_cohorts, tmp_path, capsys, ray_session):
     capsys.readouterr()
-    code = run_pipeline.main(["--data", str(cohorts["corrupt"]), "--out", str(tmp_path / "out"),
-                              "--strict", *SETTINGS])
+    code = run_pipeline.main(["--data", str(bad_cohorts["corrupt"]), "--out", str(tmp_path / "out"),
+                              "--strict", *set_args(job_settings())])
     printed = capsys.readouterr().out
     assert code == 1
     failed = [line for line in printed.splitlines() if "FAILED" in line]
     assert failed and "--strict" in failed[0]
-    assert str(cohorts["corrupt"]) in failed[0]  # names the file
+    assert str(bad_cohorts["corrupt"]) in failed[0]  # names the file
     assert not storage.exists(tables.path(str(tmp_path / "out"), tables.DISCS))
 
 
-def test_strict_extraction_names_the_bad_volume(corrupt_run, cohorts, tmp_path):
+def test_strict_extraction_names_the_bad_volume(shared_job, bad_cohorts, tmp_path):
     """Past the catalog, --strict stops at a volume that reads but cannot be measured."""
-    root = cohorts["corrupt"]
+    root = bad_cohorts["corrupt"]
     series = pd.DataFrame([
         {"series_id": sid, "patient_id": sid.split("_")[0], "split": "val",
          "image_uri": str(root / "images" / f"{sid}.mha"),
          "mask_uri": str(root / "masks" / f"{sid}.mha")} for sid in ("1_t1", "107_t1")])
     with pytest.raises(ValueError, match=r"107_t1\.mha: mask has no disc labels"):
-        stream.run_extraction(series, config.load("demo", TINY), _checkpoint(corrupt_run[0]),
+        stream.run_extraction(series, config.load("demo", job_settings()), shared_job.checkpoint,
                                str(tmp_path), strict=True, progress=None)
 
 
-def test_gradings_without_required_columns_are_quarantined(cohorts, tmp_path, ray_session):
+def test_gradings_without_required_columns_are_quarantined(bad_cohorts, tmp_path, ray_session):
     out = tmp_path / "out"
-    code = run_pipeline.main(["--data", str(cohorts["no_columns"]), "--out", str(out),
-                              "--stages", "catalog", *SETTINGS])
+    code = run_pipeline.main(["--data", str(bad_cohorts["no_columns"]), "--out", str(out),
+                              "--stages", "catalog", *set_args(job_settings())])
     assert code == 3
     errors = _errors(out)
     [reason] = errors.loc[errors["file"].str.endswith("radiological_gradings.csv"), "reason"]
@@ -184,8 +149,8 @@ def test_gradings_without_required_columns_are_quarantined(cohorts, tmp_path, ra
     assert pd.read_parquet(tables.path(str(out), tables.GRADINGS)).empty
 
 
-def test_csv_paths_cannot_escape_the_dataset_root(cohorts):
-    root = cohorts["corrupt"]
+def test_csv_paths_cannot_escape_the_dataset_root(bad_cohorts):
+    root = bad_cohorts["corrupt"]
     found = cohort.catalog(str(root), sequence=None, val_fraction=0.2, seed=0)
     for uri in pd.concat([found.series["image_uri"], found.series["mask_uri"]]):
         assert Path(uri).resolve().is_relative_to(root.resolve()), uri

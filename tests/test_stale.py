@@ -1,44 +1,67 @@
 """No stale model: after a config change the segmentation stage trains a new run from scratch
-instead of resuming (or returning) the previous run of the same storage path."""
+instead of resuming (or returning) the previous run of the same output folder; and when that new
+run's rank-0 worker is killed after training epoch 2, Ray Train restarts it from its own epoch-1
+checkpoint, never the old run's."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from pipeline import config
-from pipeline.data import checkpoints, storage
-from pipeline.data.synthetic import synthesize
-from pipeline.run import stages
-from pipeline.run.runner import EXIT_OK, Context, run_stages
+import pytest
+
+from jobs import run_pipeline
+from pipeline.data import checkpoints
 from pipeline.segmentation import models as segmodels
+from tests.shared_job import job_settings, set_args
 
-TINY = ["segmentation.folds=1", "segmentation.epochs=1", "segmentation.patience=1",
-        "segmentation.batch_size=1", "segmentation.crops_per_volume=2",
-        "segmentation.unet_channels=4,8,16"]
-
-
-def _segtrain(ctx: Context) -> dict:
-    assert run_stages(stages.build(synthesize=False), ctx,
-                      selected=["catalog", "segtrain"]) == EXIT_OK
-    manifest = json.loads(storage.read_bytes(storage.join(ctx.out, "manifest.json")))
-    return manifest["stages"]["segtrain"]["results"]["folds"][0]
+CHANGED = ["segmentation.lr=1e-4", "segmentation.epochs=2", "segmentation.patience=2"]
 
 
-def test_a_changed_lr_trains_a_new_run_from_scratch(ray_session, tmp_path):
-    data = tmp_path / "data"
-    synthesize(str(data), patients=4, seed=5, sequences=("t1",), validation_fraction=0.25)
-    ctx = Context(cfg=config.load("demo", TINY), data=str(data), out=str(tmp_path / "out"),
-                  progress=lambda line: None)
-    first = _segtrain(ctx)
-    ctx.cfg.segmentation.lr = 1e-4
-    second = _segtrain(ctx)
+@pytest.fixture(scope="module")
+def retrained(shared_job, bad_cohorts, tmp_path_factory, ray_session, fault_marker) -> dict:
+    """The shared job's output copied, then catalog and segmentation training again with a new
+    lr and two epochs, the rank-0 worker killed once after training epoch 2 (pipeline.faults)."""
+    out = tmp_path_factory.mktemp("stale") / "out"
+    shutil.copytree(shared_job.out, out)
+    fault_marker.write_text("segtrain rank 0 epoch 2")
+    try:
+        run_pipeline.main(["--data", str(bad_cohorts["corrupt"]), "--out", str(out),
+                           "--stages", "catalog,segtrain",
+                           *set_args([*job_settings(), *CHANGED])])
+        killed = not fault_marker.exists()
+    finally:
+        fault_marker.unlink(missing_ok=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["stages"]["segtrain"]["results"]["folds"][0]
+    run = Path(record["checkpoint"]).parent
+    metas = sorted((json.loads(p.read_text()) for p in run.glob("checkpoint_*/meta.json")),
+                   key=lambda meta: meta["epoch"])
+    return {"old": shared_job.checkpoint, "record": record, "metas": metas, "killed": killed,
+            "statuses": {name: s["status"] for name, s in manifest["stages"].items()}}
 
-    runs = {Path(r["checkpoint"]).parent.name for r in (first, second)}
-    assert len(runs) == 2, "the new config must not resume the old run"
-    meta = checkpoints.read_meta(second["checkpoint"], "segmenter")
+
+def test_a_changed_lr_trains_a_new_run_from_scratch(retrained):
+    assert retrained["statuses"]["segtrain"] == "done", retrained["statuses"]
+    old, new = retrained["old"], retrained["record"]["checkpoint"]
+    assert Path(old).parent.name != Path(new).parent.name, "the new config resumed the old run"
+    meta = checkpoints.read_meta(new, "segmenter")
     assert segmodels.config_from_meta(meta).lr == 1e-4  # not the old run's checkpoint
-    # one epoch trained from scratch: an old run's epoch would show up in the history
-    assert second["epochs"] == 1 and [h["epoch"] for h in meta["history"]] == [1]
-    old = checkpoints.read_meta(first["checkpoint"], "segmenter")
-    assert meta["history"][0]["train_loss"] != old["history"][0]["train_loss"]
+    # trained from scratch: the old run's epoch would show up first in the history
+    last = retrained["metas"][-1]
+    assert [h["epoch"] for h in last["history"]] == [1, 2]
+    old_meta = checkpoints.read_meta(old, "segmenter")
+    assert last["history"][0]["train_loss"] != old_meta["history"][0]["train_loss"]
+
+
+def test_a_killed_training_worker_resumes_from_its_own_checkpoint(retrained):
+    assert retrained["killed"], "no training worker was killed"
+    assert retrained["record"]["epochs"] == 2
+    metas = retrained["metas"]
+    # one checkpoint per epoch: epoch 1 was not trained again after the kill ...
+    assert [m["epoch"] for m in metas] == [1, 2]
+    # ... and the restart's record of it is the checkpoint's, to the bit
+    assert metas[-1]["history"][0] == metas[0]["history"][0]
+    model, _ = segmodels.load_segmenter(retrained["record"]["checkpoint"])
+    assert model is not None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from monai.networks.nets import SwinUNETR, UNet
 
 from pipeline.config import SegmentationConfig
 from pipeline.data import checkpoints
@@ -35,6 +34,10 @@ def build_segmenter(cfg: SegmentationConfig) -> torch.nn.Module:
     """A fresh segmenter. Args: cfg.model, cfg.feature_size (SwinUNETR), cfg.unet_channels (UNet),
     cfg.roi_size (checked against the network's divisor). Input (B, 1, X, Y, Z) float, output
     (B, 1, X, Y, Z) logits."""
+    # Imported here: MONAI's __init__ imports all of MONAI (4-8 s of CPU per process), which the
+    # CPU-only Ray workers that read, preprocess and measure volumes never need.
+    from monai.networks.nets import SwinUNETR, UNet
+
     divisor = input_divisor(cfg)
     if len(cfg.roi_size) != 3 or any(int(s) <= 0 or int(s) % divisor for s in cfg.roi_size):
         raise ValueError(

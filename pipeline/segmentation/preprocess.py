@@ -19,17 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import (
-    Compose,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    Resize,
-)
 
-from pipeline.data import labels, volumes
-from pipeline.data.validate import BadInput
+from pipeline.data import labels, validate, volumes
 
 PAD_MULTIPLE = 32
 PERCENTILES = (0.5, 99.5)  # robust to the bright fat and dark air that dominate an MR volume
@@ -45,7 +36,7 @@ def read_pair(image_uri: str, mask_uri: str, max_voxels: int = volumes.MAX_VOXEL
         try:
             pair.append(volumes.read_volume(uri, max_voxels))
         except ValueError as err:
-            raise BadInput(uri, str(err)) from err
+            raise validate.BadInput(uri, str(err)) from err
     image, mask = pair
     return image, mask
 
@@ -130,9 +121,10 @@ def resample(array: np.ndarray, shape: tuple[int, int, int], is_mask: bool) -> n
     if tuple(array.shape) == shape:
         return array.copy() if is_mask else array.astype(np.float32)
     mode = "nearest-exact" if is_mask else "trilinear"
-    source = array.astype(np.float32, copy=False)[None]
-    resized = Resize(shape, mode=mode, dtype=torch.float32)(torch.from_numpy(source))
-    out = np.asarray(resized.detach().cpu().numpy()[0])
+    source = torch.from_numpy(array.astype(np.float32, copy=False))[None, None]
+    # what MONAI's Resize does with these arguments, to the bit (align_corners unset)
+    resized = torch.nn.functional.interpolate(source, size=shape, mode=mode)
+    out = resized[0, 0].numpy()
     return out.astype(array.dtype) if is_mask else out
 
 
@@ -189,6 +181,23 @@ def to_native(prediction: np.ndarray, grid: Grid) -> np.ndarray:
     return resample(prediction[:rx, :ry, :rz], grid.native_shape, is_mask=True)
 
 
+def load_training_volume(row: dict, target_spacing_mm, roi_size,
+                         max_voxels: int = volumes.MAX_VOXELS) -> dict:
+    """Ray Data map: one series -> its preprocessed image and disc target on the model grid, or
+    empty arrays and the reason when its files are unusable."""
+    base = {"series_id": row["series_id"], "split": row["split"]}
+    try:
+        image, mask = read_pair(row["image_uri"], row["mask_uri"], max_voxels)
+        validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
+    except validate.BadInput as err:
+        return {**base, "error": str(err), "file": err.file,
+                "image": np.zeros((0, 0, 0), np.float32), "label": np.zeros((0, 0, 0), np.uint8)}
+    grid = plan_grid(image.array.shape, image.spacing, target_spacing_mm, roi_size)
+    return {**base, "error": "", "file": "",
+            "image": preprocess_image(image.array, grid),
+            "label": preprocess_mask(mask.array, grid)}
+
+
 def training_transform(roi_size: tuple[int, int, int], crops: int, seed: int | None = None):
     """Random training crops with light, anatomically plausible augmentation.
 
@@ -197,6 +206,16 @@ def training_transform(roi_size: tuple[int, int, int], crops: int, seed: int | N
     S-I it is not. Small intensity scale/shift mimic scanner gain differences. Takes and returns
     dicts of channel-first arrays {"image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}.
     """
+    # Imported here: only training workers crop, and MONAI's __init__ imports all of MONAI
+    # (4-8 s of CPU per process) into every Ray worker that preprocesses a volume otherwise.
+    from monai.transforms import (
+        Compose,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
     transform = Compose([
         RandCropByPosNegLabeld(
             keys=("image", "label"), label_key="label", spatial_size=tuple(roi_size),

@@ -39,7 +39,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import torch
-from monai.inferers import sliding_window_inference
 
 from pipeline import faults, resources, stats
 from pipeline.config import Config, SegmentationConfig
@@ -154,6 +153,10 @@ class Segmenter:
 
     def probability(self, image: np.ndarray, model: torch.nn.Module | None = None) -> np.ndarray:
         """Disc probability (float32) on the padded model grid of one preprocessed volume."""
+        # MONAI only where it infers: the reading, preprocessing and extraction workers that
+        # import this module would otherwise each import all of MONAI (segmodels says why)
+        from monai.inferers import sliding_window_inference
+
         with torch.inference_mode():
             volume = torch.tensor(image, dtype=torch.float32)[None, None].to(self.device)
             logits = sliding_window_inference(volume, self.roi_size, self.sw_batch_size,

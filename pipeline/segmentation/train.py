@@ -46,8 +46,7 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 
 from pipeline import faults, resources
 from pipeline.config import Config, SegmentationConfig
-from pipeline.data import checkpoints, storage, validate
-from pipeline.data.volumes import MAX_VOXELS
+from pipeline.data import checkpoints, storage
 from pipeline.progress import WorkerProgress, send
 from pipeline.segmentation import folds as crossfit
 from pipeline.segmentation import models as segmodels
@@ -72,23 +71,6 @@ class SegmenterResult:
     fold: int | None = None
     training_patients: list[str] = dataclasses.field(default_factory=list)
     selection_patients: list[str] = dataclasses.field(default_factory=list)
-
-
-def load_training_volume(row: dict, target_spacing_mm, roi_size,
-                         max_voxels: int = MAX_VOXELS) -> dict:
-    """Ray Data map: one series -> its preprocessed image and disc target on the model grid, or
-    empty arrays and the reason when its files are unusable."""
-    base = {"series_id": row["series_id"], "split": row["split"]}
-    try:
-        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"], max_voxels)
-        validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
-    except validate.BadInput as err:
-        return {**base, "error": str(err), "file": err.file,
-                "image": np.zeros((0, 0, 0), np.float32), "label": np.zeros((0, 0, 0), np.uint8)}
-    grid = preprocess.plan_grid(image.array.shape, image.spacing, target_spacing_mm, roi_size)
-    return {**base, "error": "", "file": "",
-            "image": preprocess.preprocess_image(image.array, grid),
-            "label": preprocess.preprocess_mask(mask.array, grid)}
 
 
 def _usable(dataset) -> Iterator[dict]:
@@ -263,7 +245,7 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
             raise no_usable
         volumes[split] = (
             ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map(load_training_volume,
+            .map(preprocess.load_training_volume,
                  fn_kwargs={"target_spacing_mm": tuple(seg.target_spacing_mm),
                             "roi_size": tuple(seg.roi_size),
                             "max_voxels": cfg.inputs.max_voxels})
