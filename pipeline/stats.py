@@ -5,20 +5,25 @@ pattern), so every bootstrap here resamples whole groups (patients) with replace
 is expressed as integer weights (how many times each row's patient was drawn), which any metric
 taking `sample_weight` evaluates exactly as it would on the duplicated rows, without copying data.
 The metrics below return NaN where a resample makes them undefined (e.g. AUC with one class);
-those resamples are dropped and counted.
+those resamples are dropped and counted. Resamples are evaluated a chunk at a time
+(`GroupResamples`), so memory stays bounded however many discs and resamples there are.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 Metric = Callable[..., float]  # metric(y_true, y_score, sample_weight=None) -> float
-_CHUNK = 64  # bootstrap resamples evaluated at once: memory O(_CHUNK x n)
+# The float64 weights of one chunk of resamples stay under this. All 1,000 resamples of 60,000
+# discs at once would be 480 MB per metric call. A call holds at most about seven chunk-sized
+# arrays at once (two chunks, one reordered by score, its sums per distinct score, and for ROC
+# bands the curves): under 64 MB, at 17 resamples a chunk for 60,000 discs.
+CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -50,43 +55,64 @@ def fmt_value(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}".replace("-", "\u2212")
 
 
-def group_bootstrap_weights(groups, n_boot: int, seed: int = 0) -> np.ndarray:
-    """(n_boot, n_rows) integer weights: resample the distinct groups with replacement; each row
-    gets the number of times its group was drawn."""
-    codes, n_groups = _group_codes(groups)
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, n_groups, size=(n_boot, n_groups))
-    counts = np.zeros((n_boot, n_groups), dtype=np.int64)
-    np.add.at(counts, (np.arange(n_boot)[:, None], drawn), 1)
-    return counts[:, codes]
+def resamples_per_chunk(n_rows: int) -> int:
+    """How many resamples' weights over `n_rows` rows fit in CHUNK_BYTES (at least one)."""
+    return max(1, CHUNK_BYTES // (8 * max(n_rows, 1)))
+
+
+@dataclass(frozen=True, eq=False)
+class GroupResamples:
+    """`n_boot` resamples of the distinct groups with replacement, as weights per row (how many
+    times the row's group was drawn), made a chunk at a time from one random stream: the same
+    seed gives the same resamples whatever the chunk size, and no call holds all of them."""
+
+    codes: np.ndarray  # each row's group, 0 .. n_groups - 1
+    n_groups: int
+    n_boot: int
+    seed: int = 0
+
+    @classmethod
+    def of(cls, groups, n_boot: int, seed: int = 0) -> GroupResamples:
+        codes, n_groups = _group_codes(groups)
+        return cls(codes, n_groups, n_boot, seed)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """(resamples, rows) float weights, at most resamples_per_chunk(rows) resamples each."""
+        rng = np.random.default_rng(self.seed)
+        per_chunk = resamples_per_chunk(len(self.codes))
+        for first in range(0, self.n_boot, per_chunk):
+            size = min(per_chunk, self.n_boot - first)
+            drawn = rng.integers(0, self.n_groups, size=(size, self.n_groups))
+            slots = (np.arange(size)[:, None] * self.n_groups + drawn).ravel()
+            counts = np.bincount(slots, minlength=size * self.n_groups)
+            yield counts.reshape(size, self.n_groups).astype(float)[:, self.codes]
 
 
 def bootstrap_ci(y_true, y_score, groups, metric: Metric, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95, weights: np.ndarray | None = None) -> Estimate:
+                 level: float = 0.95, resamples: GroupResamples | None = None) -> Estimate:
     """Percentile CI of `metric(y_true, y_score, sample_weight=w)` over group resamples.
 
-    Pass the same `weights` (from group_bootstrap_weights) to compare several predictions on
-    identical resamples.
+    Pass the same `resamples` to compare several predictions on identical resamples.
     """
     y_true, y_score = np.asarray(y_true), np.asarray(y_score)
     value = float(metric(y_true, y_score))
     if _n_groups(groups) < 2:
         return Estimate(value, math.nan, math.nan, len(y_true), level)
-    w = group_bootstrap_weights(groups, n_boot, seed) if weights is None else weights
-    return _percentile_estimate(value, _resampled(metric, y_true, y_score, w), len(y_true), level)
+    r = GroupResamples.of(groups, n_boot, seed) if resamples is None else resamples
+    return _percentile_estimate(value, _resampled(metric, y_true, y_score, r), len(y_true), level)
 
 
 def paired_bootstrap_difference(y_true, score_a, score_b, groups, metric: Metric,
                                 n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                                weights: np.ndarray | None = None) -> Estimate:
+                                resamples: GroupResamples | None = None) -> Estimate:
     """metric(a) - metric(b) with a CI from the SAME group resamples for both, so the
     patient-to-patient variation they share cancels."""
     y_true, score_a, score_b = np.asarray(y_true), np.asarray(score_a), np.asarray(score_b)
     value = float(metric(y_true, score_a) - metric(y_true, score_b))
     if _n_groups(groups) < 2:
         return Estimate(value, math.nan, math.nan, len(y_true), level)
-    w = group_bootstrap_weights(groups, n_boot, seed) if weights is None else weights
-    draws = _resampled(metric, y_true, score_a, w) - _resampled(metric, y_true, score_b, w)
+    r = GroupResamples.of(groups, n_boot, seed) if resamples is None else resamples
+    draws = _resampled(metric, y_true, score_a, r) - _resampled(metric, y_true, score_b, r)
     return _percentile_estimate(value, draws, len(y_true), level)
 
 
@@ -108,8 +134,10 @@ def mean_ci(values, groups=None, level: float = 0.95, n_boot: int = 2000,
         groups = np.asarray(groups)[keep]
         if _n_groups(groups) < 2:  # one patient: its variation says nothing about others
             return Estimate(mean, math.nan, math.nan, n, level)
-        w = group_bootstrap_weights(groups, n_boot, seed)
-        draws = (w @ values) / w.sum(axis=1)
+        resamples = GroupResamples.of(groups, n_boot, seed)
+        # summed per row, not w @ values, for the reason given in _confusion_resampled
+        draws = np.concatenate([(w * values).sum(axis=1) / w.sum(axis=1)
+                                for w in resamples.chunks()])
         return _percentile_estimate(mean, draws, n, level)
     if n == 1:
         return Estimate(mean, math.nan, math.nan, 1, level)
@@ -131,24 +159,15 @@ def roc_curve(y_true, y_score, weights: np.ndarray) -> tuple[np.ndarray, np.ndar
     """(fpr, tpr), each (B, m+1), for every row of `weights` (B, n): cuts between the m distinct
     scores, highest first, starting at (0, 0); rows lacking a class come out NaN."""
     y, s, _ = _prepare(y_true, y_score, None)
-    fprs, tprs = [], []
-    for pos_at, neg_at in _weight_by_distinct_score(y, -s, weights):
-        tp, fp = np.cumsum(pos_at, axis=1), np.cumsum(neg_at, axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            tprs.append(tp / tp[:, -1:])
-            fprs.append(fp / fp[:, -1:])
-    zeros = np.zeros((len(weights), 1))
-    return np.hstack([zeros, np.vstack(fprs)]), np.hstack([zeros, np.vstack(tprs)])
+    pos_at, neg_at = _weight_by_distinct_score(y, -s, weights)
+    return _cumulative_share(neg_at), _cumulative_share(pos_at)
 
 
-def roc_band(y_true, y_score, weights: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Each resample's ROC curve (a row of `weights`) as TPR at the FPR values of `grid`:
-    (resamples with both classes, len(grid)). Memory stays O(_CHUNK x n), never resamples x n."""
-    rows = []
-    for first in range(0, len(weights), _CHUNK):
-        fprs, tprs = roc_curve(y_true, y_score, weights[first:first + _CHUNK])
-        rows += [np.interp(grid, f, t) for f, t in zip(fprs, tprs, strict=True)
-                 if np.isfinite(t).all() and np.isfinite(f).all()]
+def roc_band(y_true, y_score, resamples: GroupResamples, grid: np.ndarray) -> np.ndarray:
+    """Each resample's ROC curve as TPR at the FPR values of `grid`: (resamples with both
+    classes, len(grid)). Curves are made a chunk of resamples at a time."""
+    rows = [row for weights in resamples.chunks()
+            for row in _tpr_on_grid(y_true, y_score, weights, grid)]
     return np.array(rows).reshape(len(rows), len(grid))
 
 
@@ -168,36 +187,58 @@ def balanced_accuracy(y_true, y_pred, sample_weight=None) -> float:
     return float(0.5 * (tp / (tp + fn) + tn / (tn + fp)))
 
 
+def _tpr_on_grid(y_true, y_score, weights: np.ndarray, grid: np.ndarray) -> list[np.ndarray]:
+    """roc_band for one chunk: its curves are freed before the next chunk is made."""
+    fprs, tprs = roc_curve(y_true, y_score, weights)
+    return [np.interp(grid, f, t) for f, t in zip(fprs, tprs, strict=True)
+            if np.isfinite(t).all() and np.isfinite(f).all()]
+
+
 def _roc_auc_resampled(y_true, y_score, weights: np.ndarray) -> np.ndarray:
     y, s, _ = _prepare(y_true, y_score, None)
-    aucs = []
-    for pos_at, neg_at in _weight_by_distinct_score(y, s, weights):
-        total_pos, total_neg = pos_at.sum(axis=1), neg_at.sum(axis=1)
-        neg_below = np.cumsum(neg_at, axis=1) - neg_at
-        with np.errstate(invalid="ignore", divide="ignore"):
-            auc = (pos_at * (neg_below + 0.5 * neg_at)).sum(axis=1) / (total_pos * total_neg)
-        aucs.append(np.where((total_pos > 0) & (total_neg > 0), auc, np.nan))
-    return np.concatenate(aucs)
+    pos_at, neg_at = _weight_by_distinct_score(y, s, weights)
+    total_pos, total_neg = pos_at.sum(axis=1), neg_at.sum(axis=1)
+    # negatives scored below each positive, ties counting one half; in place, as the arrays are
+    # chunk-sized (exact: whole and half weights)
+    neg_below = np.cumsum(neg_at, axis=1)
+    neg_at *= 0.5
+    neg_below -= neg_at
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = np.einsum("ij,ij->i", pos_at, neg_below) / (total_pos * total_neg)
+    return np.where((total_pos > 0) & (total_neg > 0), auc, np.nan)
 
 
 def _weight_by_distinct_score(y: np.ndarray, score: np.ndarray, weights: np.ndarray):
-    """For blocks of _CHUNK resamples (rows of `weights`), the positive and the negative weight
-    at each distinct score, ascending: two (rows, m) arrays. One sort (O(n log n)) and
-    O(rows x n) sums; no n x n or n x m matrix, whatever the number of discs."""
+    """The positive and the negative weight at each distinct score, ascending, for every row of
+    `weights`: two (rows, m) arrays. One sort (O(n log n)) and O(rows x n) sums; no n x n or
+    n x m matrix, whatever the number of discs."""
     order = np.argsort(score, kind="stable")
     ranked = score[order]
     starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
-    positive = y[order] == 1
-    for first in range(0, len(weights), _CHUNK):
-        w = np.asarray(weights[first:first + _CHUNK], dtype=float)[:, order]
-        yield (np.add.reduceat(w * positive, starts, axis=1),
-               np.add.reduceat(w * ~positive, starts, axis=1))
+    w = np.asarray(weights, dtype=float)[:, order]
+    negative_at = np.add.reduceat(w, starts, axis=1)
+    w *= y[order] == 1
+    positive_at = np.add.reduceat(w, starts, axis=1)
+    negative_at -= positive_at  # exact: the weights are whole numbers
+    return positive_at, negative_at
+
+
+def _cumulative_share(at: np.ndarray) -> np.ndarray:
+    """(rows, m+1): 0, then each row's running sum over its total (NaN where the total is 0),
+    made in one array: a chunk's ROC curves are its largest arrays."""
+    share = np.zeros((len(at), at.shape[1] + 1))
+    np.cumsum(at, axis=1, out=share[:, 1:])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share[:, 1:] /= share[:, -1:]
+    return share
 
 
 def _confusion_resampled(y_true, y_pred, weights: np.ndarray):
     y, p, _ = _prepare(y_true, y_pred, None)
     p, positive = p.astype(bool), y == 1
-    return tuple(weights @ mask.astype(float) for mask in
+    # a sum per row, not a matrix product: BLAS may add a row's terms in an order that depends
+    # on how many rows the chunk has, and a chunked CI must equal the unchunked one exactly
+    return tuple(weights[:, mask].sum(axis=1) for mask in
                  (positive & p, ~positive & p, positive & ~p, ~positive & ~p))
 
 
@@ -215,7 +256,7 @@ def _balanced_accuracy_resampled(y_true, y_pred, weights: np.ndarray) -> np.ndar
     return np.where((tp + fn > 0) & (tn + fp > 0), value, np.nan)
 
 
-# The built-in metrics evaluated on all resamples at once (matrix products instead of a loop).
+# The built-in metrics evaluated on a chunk of resamples at once (matrix products, not a loop).
 _RESAMPLED = {
     roc_auc: _roc_auc_resampled,
     f1_positive: _f1_positive_resampled,
@@ -223,12 +264,13 @@ _RESAMPLED = {
 }
 
 
-def _resampled(metric: Metric, y_true, y_score, weights: np.ndarray) -> np.ndarray:
-    """metric on every row of weights; any sklearn-style metric works, the built-ins fast."""
+def _resampled(metric: Metric, y_true, y_score, resamples: GroupResamples) -> np.ndarray:
+    """metric on every resample; any sklearn-style metric works, the built-ins fast."""
     fast = _RESAMPLED.get(metric)
     if fast is not None:
-        return fast(y_true, y_score, np.asarray(weights, dtype=float))
-    return np.array([metric(y_true, y_score, sample_weight=row) for row in weights], dtype=float)
+        return np.concatenate([fast(y_true, y_score, w) for w in resamples.chunks()])
+    return np.array([metric(y_true, y_score, sample_weight=row)
+                     for w in resamples.chunks() for row in w], dtype=float)
 
 
 def _confusion(y_true, y_pred, sample_weight):

@@ -47,9 +47,14 @@ def test_mean_ci_drops_nans_and_handles_tiny_inputs():
     assert single.value == 0.7 and math.isnan(single.ci_low)
 
 
+def dense(resamples: stats.GroupResamples) -> np.ndarray:
+    """Every resample's weights in one matrix, as the chunks never hold them."""
+    return np.vstack(list(resamples.chunks()))
+
+
 def test_group_weights_resample_whole_patients():
     groups = np.array(["a", "a", "b", "c", "c", "c"])
-    weights = stats.group_bootstrap_weights(groups, n_boot=200, seed=0)
+    weights = dense(stats.GroupResamples.of(groups, n_boot=200, seed=0))
     assert weights.shape == (200, 6)
     # rows of one patient always share a weight, and three patients are drawn each time
     assert np.all(weights[:, 0] == weights[:, 1])
@@ -77,13 +82,13 @@ def test_fast_resampled_metrics_agree_with_the_per_resample_loop():
     groups = np.repeat(np.arange(12), 5)
     y = rng.integers(0, 2, 60)
     score = rng.random(60) + 0.3 * y
-    weights = stats.group_bootstrap_weights(groups, 50, seed=1)
+    resamples = stats.GroupResamples.of(groups, 50, seed=1)
 
     def slow_auc(y_true, s, sample_weight=None):  # a metric without a fast path
         return stats.roc_auc(y_true, s, sample_weight)
 
-    fast = stats.bootstrap_ci(y, score, groups, stats.roc_auc, weights=weights)
-    slow = stats.bootstrap_ci(y, score, groups, slow_auc, weights=weights)
+    fast = stats.bootstrap_ci(y, score, groups, stats.roc_auc, resamples=resamples)
+    slow = stats.bootstrap_ci(y, score, groups, slow_auc, resamples=resamples)
     assert (fast.ci_low, fast.ci_high) == pytest.approx((slow.ci_low, slow.ci_high))
     assert fast.n_resamples == 50
 
@@ -156,11 +161,12 @@ def test_auc_equals_sklearn_on_tied_scores_with_and_without_weights():
 
 def test_resampled_auc_and_roc_bands_equal_the_row_by_row_and_dense_answers():
     rng = np.random.default_rng(6)
-    n = 150  # more rows than one chunk of resamples, to cross chunk borders below
+    n = 150
     y = rng.integers(0, 2, n)
     score = np.round(rng.random(n) + 0.5 * y, 2)
-    weights = stats.group_bootstrap_weights(np.repeat(np.arange(30), 5), 150, seed=1)
-    fast = stats._resampled(stats.roc_auc, y, score, weights)
+    resamples = stats.GroupResamples.of(np.repeat(np.arange(30), 5), 150, seed=1)
+    weights = dense(resamples)
+    fast = stats._resampled(stats.roc_auc, y, score, resamples)
     slow = [roc_auc_score(y, score, sample_weight=row) if ((row > 0) & (y == 1)).any()
             and ((row > 0) & (y == 0)).any() else math.nan for row in weights]
     np.testing.assert_allclose(fast, slow, equal_nan=True)
@@ -170,26 +176,67 @@ def test_resampled_auc_and_roc_bands_equal_the_row_by_row_and_dense_answers():
     np.testing.assert_allclose(fpr, old_fpr, equal_nan=True)
     np.testing.assert_allclose(tpr, old_tpr, equal_nan=True)
     grid = np.linspace(0, 1, 101)
-    band = stats.roc_band(y, score, weights, grid)
+    band = stats.roc_band(y, score, resamples, grid)
     old_band = np.array([np.interp(grid, f, t) for f, t in zip(old_fpr, old_tpr, strict=True)
                          if np.isfinite(t).all()])
     np.testing.assert_allclose(band, old_band)
 
 
-def test_bootstrap_auc_of_many_discs_needs_no_n_by_n_matrix():
+def test_bootstrap_auc_of_many_discs_holds_one_chunk_of_resamples_at_a_time(monkeypatch):
     import tracemalloc
 
+    monkeypatch.setattr(stats, "CHUNK_BYTES", 2 * 2**20)
     rng = np.random.default_rng(7)
-    n = 20_000  # a dense n x n float matrix would be 3.2 GB
+    n, n_boot = 10_000, 600  # all resamples' weights at once: 48 MB
     y = rng.integers(0, 2, n)
     score = rng.random(n) + 0.2 * y
     patients = np.arange(n) // 14  # a spine of 14 discs
+    resamples = stats.GroupResamples.of(patients, n_boot, seed=0)
     tracemalloc.start()
-    weights = stats.group_bootstrap_weights(patients, 100, seed=0)
-    estimate = stats.bootstrap_ci(y, score, patients, stats.roc_auc, weights=weights)
-    band = stats.roc_band(y, score, weights, np.linspace(0, 1, 101))
+    estimate = stats.bootstrap_ci(y, score, patients, stats.roc_auc, resamples=resamples)
+    band = stats.roc_band(y, score, resamples, np.linspace(0, 1, 101))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert estimate.ci_low < estimate.value < estimate.ci_high
-    assert band.shape == (100, 101)
-    assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert band.shape == (n_boot, 101)
+    assert peak < 8 * stats.CHUNK_BYTES, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_a_chunk_of_resamples_fits_the_budget_at_any_cohort_size():
+    for n_rows in (1, 14, 1000, 60_000, 10**9):
+        per_chunk = stats.resamples_per_chunk(n_rows)
+        assert per_chunk >= 1
+        assert per_chunk == 1 or per_chunk * n_rows * 8 <= stats.CHUNK_BYTES
+        assert (per_chunk + 1) * n_rows * 8 > stats.CHUNK_BYTES  # as many as fit
+    resamples = stats.GroupResamples.of(np.arange(60_000) // 14, n_boot=1000)
+    sizes = [chunk.shape for chunk in resamples.chunks()]
+    assert sum(rows for rows, _ in sizes) == 1000
+    assert all(rows * cols * 8 <= stats.CHUNK_BYTES for rows, cols in sizes)
+    assert len(sizes) > 1  # 480 MB of weights are never made at once
+
+
+def test_chunked_bootstrap_equals_the_one_chunk_answer_for_the_same_seed(monkeypatch):
+    rng = np.random.default_rng(8)
+    patients = np.repeat(np.arange(25), 4)
+    y = rng.integers(0, 2, 100)
+    score = np.round(rng.random(100) + 0.4 * y, 2)
+    other = rng.random(100)
+    grid = np.linspace(0, 1, 21)
+
+    def everything():
+        resamples = stats.GroupResamples.of(patients, 300, seed=5)
+        return (dense(resamples),
+                stats.bootstrap_ci(y, score, patients, stats.roc_auc, resamples=resamples),
+                stats.bootstrap_ci(y, score > 0.7, patients, stats.f1_positive, n_boot=300),
+                stats.paired_bootstrap_difference(y, score, other, patients, stats.roc_auc,
+                                                  resamples=resamples),
+                stats.mean_ci(score, groups=patients, n_boot=300),
+                stats.roc_band(y, score, resamples, grid))
+
+    whole = everything()
+    assert stats.resamples_per_chunk(100) >= 300  # one chunk by default here
+    monkeypatch.setattr(stats, "CHUNK_BYTES", 7 * 100 * 8)  # 7 resamples a chunk: 43 chunks
+    chunked = everything()
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    assert chunked[1:5] == whole[1:5]
+    np.testing.assert_array_equal(chunked[5], whole[5])

@@ -368,7 +368,7 @@ class _Analysis:
     base: dict
     cells: list[tuple[str, str, list[str] | str]]
     splits: list | None
-    weights: np.ndarray | None
+    resamples: stats.GroupResamples | None
 
     def features(self, columns: list[str]) -> np.ndarray:
         if not columns:  # the majority-class baseline looks at no feature
@@ -377,7 +377,7 @@ class _Analysis:
 
     def summarise(self, fitted: dict):
         """Table rows with CIs, per-disc out-of-fold predictions and paired comparisons."""
-        y, groups, w, base = self.y, self.groups, self.weights, self.base
+        y, groups, r, base = self.y, self.groups, self.resamples, self.base
         rows, predictions, scores = [], [], {}
         for feature_set, model, columns in self.cells:
             if isinstance(columns, str):
@@ -394,7 +394,7 @@ class _Analysis:
             for metric, function, values in (("f1", stats.f1_positive, vote),
                                              ("auc", stats.roc_auc, score),
                                              ("balanced_accuracy", stats.balanced_accuracy, vote)):
-                estimate = stats.bootstrap_ci(y, values, groups, function, weights=w)
+                estimate = stats.bootstrap_ci(y, values, groups, function, resamples=r)
                 row.update({metric: estimate.value, f"{metric}_ci_low": estimate.ci_low,
                             f"{metric}_ci_high": estimate.ci_high})
             rows.append(row)
@@ -411,7 +411,7 @@ class _Analysis:
                 if (a, model) not in scores or (b, model) not in scores:
                     continue
                 diff = stats.paired_bootstrap_difference(y, scores[(a, model)], scores[(b, model)],
-                                                         groups, stats.roc_auc, weights=w)
+                                                         groups, stats.roc_auc, resamples=r)
                 comparisons.append({
                     "target": base["target"], "mask_source": base["mask_source"],
                     "model": model, "feature_set_a": a, "feature_set_b": b, "metric": "auc",
@@ -440,7 +440,7 @@ def _plan(part: pd.DataFrame, target: str, source: str, latent_cols: list[str], 
         return _Analysis(part, y, groups, base, [(fs, m, reason) for fs, m in grid], None, None)
     return _Analysis(part, y, groups, base, [(fs, m, sets[fs]) for fs, m in grid],
                      patient_grouped_splits(y, groups, c.folds, c.repeats, seed=cfg.seed),
-                     stats.group_bootstrap_weights(groups, c.bootstrap, seed=cfg.seed))
+                     stats.GroupResamples.of(groups, c.bootstrap, seed=cfg.seed))
 
 
 def _unusable(y: np.ndarray, groups: np.ndarray, folds: int, source: str) -> str:

@@ -187,10 +187,11 @@ def roc_curves(predictions: pd.DataFrame, out: str, n_boot: int = 1000, seed: in
             for i, (feature_set, rows) in enumerate(panel.groupby("feature_set", sort=False)):
                 colour = _COLOURS[i % len(_COLOURS)]
                 y, score = rows.y_true.to_numpy().astype(int), rows.probability.to_numpy()
-                weights = stats.group_bootstrap_weights(rows.patient_id.to_numpy(), n_boot, seed)
-                auc = stats.bootstrap_ci(y, score, rows.patient_id, stats.roc_auc, weights=weights)
+                resamples = stats.GroupResamples.of(rows.patient_id.to_numpy(), n_boot, seed)
+                auc = stats.bootstrap_ci(y, score, rows.patient_id, stats.roc_auc,
+                                         resamples=resamples)
                 fpr, tpr = stats.roc_curve(y, score, np.ones((1, len(y))))
-                bands = stats.roc_band(y, score, weights, grid)
+                bands = stats.roc_band(y, score, resamples, grid)
                 ax.plot(fpr[0], tpr[0], color=colour, linewidth=1.8,
                         label=f"{feature_set}: AUC {auc.value:.2f} "
                               f"({auc.ci_low:.2f}–{auc.ci_high:.2f})")
