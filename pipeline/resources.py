@@ -146,6 +146,17 @@ def encoder_pool(res: ResourcesConfig, n_batches: int) -> Layout:
     return Layout(max(1, min(int(_cpus()) - 1, n_batches)), False, 1.0, 1)
 
 
+def classification_cells(n_cells: int) -> Layout:
+    """Classification cells as Ray tasks: the cluster's CPUs shared among the cells, one CPU
+    each at least and at most the smallest node's; LightGBM runs one thread per CPU of its task,
+    so a cell never oversubscribes the share it asked for."""
+    node_cpus = [n.get("CPU", 0) for n in _nodes() if n.get("CPU", 0) >= 1]
+    if not node_cpus:
+        raise ValueError("the Ray cluster has no CPUs to classify on")
+    cpus = float(min(max(1, math.floor(sum(node_cpus) / max(n_cells, 1))), min(node_cpus)))
+    return Layout(n_cells, False, cpus, int(cpus))
+
+
 def sweep(res: ResourcesConfig, n_trials: int, nested: bool, num_workers: int = 1) -> TrialPlan:
     """The sweep's trial plan for this cluster (see plan_trials)."""
     if use_gpus(res):

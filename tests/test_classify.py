@@ -264,3 +264,45 @@ def test_discs_larger_than_the_cube_are_excluded_and_counted():
     assert (frame.mask_source == "reference").sum() == 32 - 2
     assert "2 discs larger than the shape cube (cube_fits false) excluded" in notes["reference"]
     assert "cube_fits" not in notes["predicted"]
+
+
+def reference_only_cohort():
+    """15 cells (one target, the reference masks): the Ray tests stay quick on two cores."""
+    discs, latents, gradings = hand_made_cohort(n_patients=10, discs_per_patient=4)
+    return (discs[discs.mask_source == "reference"], latents[latents.mask_source == "reference"],
+            gradings)
+
+
+def test_cells_as_ray_tasks_give_exactly_the_in_process_table(ray_session, tmp_path):
+    discs, latents, gradings = reference_only_cohort()
+    cfg = fast_config(targets=("disc_bulging",), bootstrap=50, n_estimators=10)
+    lines = []
+    on_ray = classify.run_classification(discs, latents, gradings, cfg, str(tmp_path / "ray"),
+                                         progress=lines.append, on_ray=True)
+    local = classify.run_classification(discs, latents, gradings, cfg, str(tmp_path / "local"),
+                                        on_ray=False)
+    assert (on_ray.table.status == "ok").sum() == 2 * len(classify.FEATURE_SETS) + 1
+    pd.testing.assert_frame_equal(on_ray.table, local.table, check_exact=True)
+    pd.testing.assert_frame_equal(on_ray.predictions, local.predictions, check_exact=True)
+    pd.testing.assert_frame_equal(on_ray.comparisons, local.comparisons, check_exact=True)
+    assert on_ray.markdown == local.markdown
+    assert lines[-1].startswith("classification cells: 15/15, ")
+    assert len(lines) == 8  # cells 2, 4, ..., 14 and the last: not a line per cell
+
+
+def test_a_failing_cell_gets_a_reason_and_the_other_cells_are_kept(ray_session, tmp_path):
+    discs, latents, gradings = reference_only_cohort()
+    # LightGBM refuses a negative learning rate: every LightGBM cell fails, in its Ray task
+    cfg = fast_config(targets=("disc_bulging",), bootstrap=50, learning_rate=-0.1)
+    result = classify.run_classification(discs, latents, gradings, cfg, str(tmp_path),
+                                         on_ray=True)
+    table = result.table[result.table.mask_source == "reference"]
+    failed = table[table.model == "lightgbm"]
+    assert (failed.status == "failed").all()
+    assert failed.reason.str.startswith("LightGBMError: Check failed: (learning_rate) > (0.0)").all()
+    kept = table[table.model != "lightgbm"]
+    assert (kept.status == "ok").all() and kept.auc.notna().all()
+    assert set(result.predictions.model) == {"logistic", "majority"}
+    assert set(result.comparisons.model) == {"logistic"}
+    assert "Failed (all" not in result.markdown["reference"]
+    assert "Failed (geometric, geometric+extras, latent" in result.markdown["reference"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +32,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline import stats
+from pipeline import resources, stats
 from pipeline.config import ClassifyConfig, Config
 from pipeline.data import storage, tables
+from pipeline.progress import counter
 
 MASK_SOURCES = ("reference", "predicted")
 # `level` knows only which disc it is (one indicator per spinal level): pathology prevalence rises
@@ -82,6 +84,15 @@ class ClassificationResult:
     comparisons: pd.DataFrame  # COMPARISON_COLUMNS: paired AUC differences
     markdown: dict[str, str]  # mask_source -> Table 1 / Table 2 in markdown
     seconds: float
+
+
+@dataclass
+class CellResult:
+    """One cell's table row and, when it ran, its out-of-fold score and vote per disc."""
+
+    row: dict
+    score: np.ndarray | None = None
+    vote: np.ndarray | None = None
 
 
 class F1ThresholdClassifier(ClassifierMixin, BaseEstimator):
@@ -140,8 +151,9 @@ def best_f1_threshold(y_true, probability) -> float:
     return float((p_sorted[best] + p_sorted[best + 1]) / 2)
 
 
-def build_model(name: str, cfg: ClassifyConfig, seed: int = 0):
-    """The paper's gradient boosting and the two honest baselines, as sklearn estimators."""
+def build_model(name: str, cfg: ClassifyConfig, seed: int = 0, threads: int = 1):
+    """The paper's gradient boosting and the two honest baselines, as sklearn estimators;
+    LightGBM runs `threads` threads (the CPUs its process was given)."""
     if name == "lightgbm":
         from lightgbm import LGBMClassifier
 
@@ -149,7 +161,7 @@ def build_model(name: str, cfg: ClassifyConfig, seed: int = 0):
             n_estimators=cfg.n_estimators, max_depth=cfg.max_depth,
             num_leaves=2 ** cfg.max_depth, learning_rate=cfg.learning_rate,
             min_child_samples=cfg.min_child_samples,
-            random_state=seed, n_jobs=1, verbose=-1,
+            random_state=seed, n_jobs=threads, verbose=-1,
         )
         return F1ThresholdClassifier(booster, inner_folds=cfg.inner_folds, random_state=seed)
     if name == "logistic":
@@ -308,10 +320,16 @@ def feature_sets(frame: pd.DataFrame, latent_cols: list[str]) -> dict[str, list[
 
 
 def run_classification(discs: pd.DataFrame, latents: pd.DataFrame | None,
-                       gradings: pd.DataFrame, cfg: Config, out: str) -> ClassificationResult:
+                       gradings: pd.DataFrame, cfg: Config, out: str,
+                       progress: Callable[[str], None] | None = None,
+                       on_ray: bool | None = None) -> ClassificationResult:
     """Cross-validate every target x mask source x feature set x model and write
     `classification.parquet`, the out-of-fold predictions, the paired comparisons and the
-    Table 1 / Table 2 markdown under `<out>/tables/`."""
+    Table 1 / Table 2 markdown under `<out>/tables/`.
+
+    Cells run as Ray tasks when `on_ray` (default: when Ray is initialized), else in local
+    processes; both give the same table. A cell that fails gets a row saying why, and the
+    others are kept."""
     started = time.perf_counter()
     c = cfg.classify
     if c.folds < 2 or c.repeats < 1 or c.bootstrap < 1 or c.n_jobs < 1:
@@ -325,20 +343,20 @@ def run_classification(discs: pd.DataFrame, latents: pd.DataFrame | None,
                 for target in c.targets for source in MASK_SOURCES]
     jobs = [(i, cell) for i, a in enumerate(analyses) for cell in a.cells
             if not isinstance(cell[2], str)]
-    # Multithreaded BLAS makes fits on ~150 rows ten times slower (thread start-up per call);
-    # joblib's worker processes get the same one-thread limit.
-    with threadpool_limits(limits=1):
-        fitted = Parallel(n_jobs=c.n_jobs)(
-            delayed(cross_validated_predictions)(
-                build_model(model, c, seed=cfg.seed), analyses[i].features(columns),
-                analyses[i].y, analyses[i].groups, analyses[i].splits)
-            for i, (_, model, columns) in jobs)
-    fitted_by_analysis: list[dict] = [{} for _ in analyses]
-    for (i, (feature_set, model, _)), result in zip(jobs, fitted, strict=True):
-        fitted_by_analysis[i][(feature_set, model)] = result
+    evaluated: list[dict] = [{} for _ in analyses]
+    count = counter(progress, "classification cells")
+    if on_ray is None:
+        import ray
+
+        on_ray = ray.is_initialized()
+    cells = _cells_on_ray if on_ray else _cells_in_processes
+    for done, (k, result) in enumerate(cells(analyses, jobs, cfg), start=1):
+        i, (feature_set, model, _) = jobs[k]
+        evaluated[i][(feature_set, model)] = result
+        count(done, len(jobs))
     rows, predictions, comparisons = [], [], []
-    for analysis, fitted_cells in zip(analyses, fitted_by_analysis, strict=True):
-        r, p, k = analysis.summarise(fitted_cells)
+    for analysis, results in zip(analyses, evaluated, strict=True):
+        r, p, k = analysis.summarise(results)
         rows += r
         predictions += p
         comparisons += k
@@ -354,6 +372,43 @@ def run_classification(discs: pd.DataFrame, latents: pd.DataFrame | None,
         storage.write_bytes(tables.path(out, TABLE_FILES[source]), text.encode())
     return ClassificationResult(table, prediction_frame, comparison_frame, markdown,
                                 time.perf_counter() - started)
+
+
+def _cells_in_processes(analyses: list[_Analysis], jobs: list[tuple[int, tuple]],
+                        cfg: Config) -> Iterator[tuple[int, CellResult]]:
+    """(index into `jobs`, result) for every runnable cell, in `classify.n_jobs` local
+    processes. Multithreaded BLAS makes fits on ~150 rows ten times slower (thread start-up per
+    call), so each process fits single-threaded."""
+    return enumerate(Parallel(n_jobs=cfg.classify.n_jobs, return_as="generator")(
+        delayed(_evaluate_cell)(analyses[i], cell, cfg, 1) for i, cell in jobs))
+
+
+def _cells_on_ray(analyses: list[_Analysis], jobs: list[tuple[int, tuple]],
+                  cfg: Config) -> Iterator[tuple[int, CellResult]]:
+    """As _cells_in_processes, as each finishes, but one Ray task per cell sized by
+    resources.classification_cells; each analysis (its discs, splits and resamples) is put in
+    the object store once for all of its cells. A task lost to a crashed worker fails its cell
+    only."""
+    import ray
+
+    layout = resources.classification_cells(len(jobs))
+    task = ray.remote(_evaluate_cell).options(num_cpus=layout.cpus)
+    shared = [ray.put(analysis) for analysis in analyses]
+    pending = {task.remote(shared[i], cell, cfg, layout.threads): k
+               for k, (i, cell) in enumerate(jobs)}
+    while pending:
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        k = pending.pop(ready)
+        try:
+            yield k, ray.get(ready)
+        except ray.exceptions.RayError as err:
+            i, (feature_set, model, _) = jobs[k]
+            yield k, CellResult(_failed_row(analyses[i].base, feature_set, model, err))
+
+
+def _evaluate_cell(analysis: _Analysis, cell: tuple, cfg: Config, threads: int) -> CellResult:
+    """One cell of one analysis on `threads` threads: the same function locally and in a task."""
+    return analysis.evaluate(*cell, cfg, threads)
 
 
 @dataclass
@@ -375,35 +430,55 @@ class _Analysis:
             return np.zeros((len(self.part), 1))
         return self.part[columns].to_numpy(dtype=float)
 
-    def summarise(self, fitted: dict):
-        """Table rows with CIs, per-disc out-of-fold predictions and paired comparisons."""
+    def evaluate(self, feature_set: str, model: str, columns: list[str], cfg: Config,
+                 threads: int) -> CellResult:
+        """Cross-validate one cell and bootstrap its metrics; an error fails this cell only."""
+        try:
+            with threadpool_limits(limits=threads):
+                fitted = cross_validated_predictions(
+                    build_model(model, cfg.classify, seed=cfg.seed, threads=threads),
+                    self.features(columns), self.y, self.groups, self.splits)
+                return self._scored(feature_set, model, columns, *fitted)
+        except Exception as err:  # whatever it was, the reason goes in this cell's row
+            return CellResult(_failed_row(self.base, feature_set, model, err))
+
+    def _scored(self, feature_set, model, columns, probability, predicted,
+                thresholds) -> CellResult:
+        """The cell's row with CIs, from out-of-fold predictions averaged over repeats."""
+        score = probability.mean(axis=0)
+        vote = (predicted.mean(axis=0) >= 0.5).astype(int)
+        row = {**self.base, "feature_set": feature_set, "model": model, "status": "ok",
+               "reason": "", "features": ",".join(columns),
+               "threshold_mean": float(np.nanmean(thresholds))
+               if np.isfinite(thresholds).any() else math.nan}
+        for metric, function, values in (("f1", stats.f1_positive, vote),
+                                         ("auc", stats.roc_auc, score),
+                                         ("balanced_accuracy", stats.balanced_accuracy, vote)):
+            estimate = stats.bootstrap_ci(self.y, values, self.groups, function,
+                                          resamples=self.resamples)
+            row.update({metric: estimate.value, f"{metric}_ci_low": estimate.ci_low,
+                        f"{metric}_ci_high": estimate.ci_high})
+        return CellResult(row, score, vote)
+
+    def summarise(self, evaluated: dict[tuple[str, str], CellResult]):
+        """Table rows, per-disc out-of-fold predictions and paired comparisons."""
         y, groups, r, base = self.y, self.groups, self.resamples, self.base
         rows, predictions, scores = [], [], {}
         for feature_set, model, columns in self.cells:
             if isinstance(columns, str):
                 rows.append(_skipped_row(base, feature_set, model, columns))
                 continue
-            probability, predicted, thresholds = fitted[(feature_set, model)]
-            score = probability.mean(axis=0)
-            vote = (predicted.mean(axis=0) >= 0.5).astype(int)
-            scores[(feature_set, model)] = score
-            row = {**base, "feature_set": feature_set, "model": model, "status": "ok",
-                   "reason": "", "features": ",".join(columns),
-                   "threshold_mean": float(np.nanmean(thresholds))
-                   if np.isfinite(thresholds).any() else math.nan}
-            for metric, function, values in (("f1", stats.f1_positive, vote),
-                                             ("auc", stats.roc_auc, score),
-                                             ("balanced_accuracy", stats.balanced_accuracy, vote)):
-                estimate = stats.bootstrap_ci(y, values, groups, function, resamples=r)
-                row.update({metric: estimate.value, f"{metric}_ci_low": estimate.ci_low,
-                            f"{metric}_ci_high": estimate.ci_high})
-            rows.append(row)
+            result = evaluated[(feature_set, model)]
+            rows.append(result.row)
+            if result.score is None:
+                continue
+            scores[(feature_set, model)] = result.score
             predictions.append(pd.DataFrame({
                 **{k: self.part[k].to_numpy()
                    for k in ["patient_id", "series_id", "ivd_label", "level"]},
                 "mask_source": base["mask_source"], "target": base["target"],
                 "feature_set": feature_set, "model": model, "y_true": y,
-                "probability": score, "predicted": vote,
+                "probability": result.score, "predicted": result.vote,
             }))
         comparisons = []
         for a, b in COMPARISONS:
@@ -463,6 +538,15 @@ def _unusable(y: np.ndarray, groups: np.ndarray, folds: int, source: str) -> str
 
 def _skipped_row(base: dict, feature_set: str, model: str, reason: str) -> dict:
     return {**base, "feature_set": feature_set, "model": model, "status": "skipped",
+            "reason": reason, "features": ""}
+
+
+def _failed_row(base: dict, feature_set: str, model: str, err: BaseException) -> dict:
+    """A cell that raised: the error's type and the first line of its message (a Ray error's
+    message runs to a traceback)."""
+    message = str(err).strip().splitlines()
+    reason = type(err).__name__ + (f": {message[0][:300]}" if message else "")
+    return {**base, "feature_set": feature_set, "model": model, "status": "failed",
             "reason": reason, "features": ""}
 
 
@@ -560,11 +644,11 @@ def _markdown_table(part: pd.DataFrame, source: str) -> str:
                 f"{int(row.n_discs)} discs from {int(row.n_patients)} patients, "
                 f"{int(row.n_positive)} positive (prevalence {row.prevalence:.2f}); calling every "
                 f"disc positive would give F1 {all_positive_f1:.2f}.")
-        skipped = rows[rows.status == "skipped"]
-        for reason, group in skipped.groupby("reason", sort=False):
-            what = ("all analyses" if len(group) == len(rows)
-                    else ", ".join(sorted(set(group.feature_set))))
-            sentences.append(f"Skipped ({what}): {reason}.")
+        for status in ("skipped", "failed"):
+            for reason, group in rows[rows.status == status].groupby("reason", sort=False):
+                what = ("all analyses" if len(group) == len(rows)
+                        else ", ".join(sorted(set(group.feature_set))))
+                sentences.append(f"{status.capitalize()} ({what}): {reason}.")
         if isinstance(row.note, str) and row.note:
             sentences.append(f"Note: {row.note}.")
         lines.append(f"- {target_name(target)}: " + " ".join(sentences))

@@ -111,7 +111,7 @@ def _classify(ctx: Context) -> StageOutcome:
                                + ["disc_status"])
     latents = storage.read_table(ctx.table(tables.LATENTS))
     gradings = storage.read_table(ctx.table(tables.GRADINGS))
-    result = run_classification(discs, latents, gradings, ctx.cfg, ctx.out)
+    result = run_classification(discs, latents, gradings, ctx.cfg, ctx.out, progress=ctx.progress)
     return StageOutcome(counts={"models": len(result.table)})
 
 
