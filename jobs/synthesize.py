@@ -4,22 +4,25 @@
 
 The folder gets images/, masks/, overview.csv and radiological_gradings.csv as SPIDER has them,
 plus synthetic_truth.csv (one row per disc: exact geometry, true findings, what was graded).
-The same seed writes the same bytes. No Ray: one process writes a few patients a second.
+The same seed writes the same bytes. With --address (or RAY_ADDRESS) it joins that Ray cluster
+and writes a cohort of RAY_FROM_PATIENTS or more as one Ray task per patient; otherwise one
+process writes about a patient a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline import resources  # noqa: E402
 from pipeline.config import SyntheticConfig  # noqa: E402
 from pipeline.data.synthetic import synthesize  # noqa: E402
-
-PROGRESS_EVERY = 10  # patients
+from pipeline.progress import counter  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,21 +33,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--label-noise", type=float, default=defaults.label_noise,
                         help="probability that a grading disagrees with the truth")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="Ray cluster to write the patients on (default: RAY_ADDRESS; "
+                             "none: this process)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    if args.address:
+        import ray
 
-    def progress(done: int, total: int) -> None:
-        if done % PROGRESS_EVERY == 0 or done == total:
-            print(f"{done}/{total} patients written ({time.perf_counter() - start:.1f} s)",
-                  flush=True)
-
+        ray.init(address=args.address, log_to_driver=False, runtime_env=resources.runtime_env())
     try:
         truth = synthesize(args.out, patients=args.patients, seed=args.seed,
-                           label_noise=args.label_noise, progress=progress)
+                           label_noise=args.label_noise,
+                           progress=counter(lambda line: print(line, flush=True),
+                                            "patients written"))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

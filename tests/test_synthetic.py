@@ -226,3 +226,21 @@ def test_bad_arguments_are_named(tmp_path):
         synthetic.draw_patients(0)
     with pytest.raises(ValueError, match="label_noise"):
         synthetic.draw_patients(2, label_noise=1.5)
+
+
+def test_one_ray_task_per_patient_writes_the_same_bytes(ray_session, tmp_path):
+    def files(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file()}
+
+    counts = []
+    on_ray = synthetic.synthesize(str(tmp_path / "ray"), patients=2, seed=4, sequences=("t1",),
+                                  progress=lambda done, total: counts.append((done, total)),
+                                  on_ray=True)
+    local = synthetic.synthesize(str(tmp_path / "local"), patients=2, seed=4,
+                                 sequences=("t1",), on_ray=False)
+    pd.testing.assert_frame_equal(on_ray, local, check_exact=True)
+    written = files(tmp_path / "ray")
+    assert written == files(tmp_path / "local")
+    assert len(written) == 2 * 2 + 3  # an image and a mask per patient, three tables once
+    assert counts == [(1, 2), (2, 2)]

@@ -32,7 +32,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline import resources, stats
+from pipeline import resources, stats, tasks
 from pipeline.config import ClassifyConfig, Config
 from pipeline.data import storage, tables
 from pipeline.progress import counter
@@ -346,9 +346,7 @@ def run_classification(discs: pd.DataFrame, latents: pd.DataFrame | None,
     evaluated: list[dict] = [{} for _ in analyses]
     count = counter(progress, "classification cells")
     if on_ray is None:
-        import ray
-
-        on_ray = ray.is_initialized()
+        on_ray = tasks.ray_is_up()
     cells = _cells_on_ray if on_ray else _cells_in_processes
     for done, (k, result) in enumerate(cells(analyses, jobs, cfg), start=1):
         i, (feature_set, model, _) = jobs[k]
@@ -394,13 +392,12 @@ def _cells_on_ray(analyses: list[_Analysis], jobs: list[tuple[int, tuple]],
     layout = resources.classification_cells(len(jobs))
     task = ray.remote(_evaluate_cell).options(num_cpus=layout.cpus)
     shared = [ray.put(analysis) for analysis in analyses]
-    pending = {task.remote(shared[i], cell, cfg, layout.threads): k
-               for k, (i, cell) in enumerate(jobs)}
-    while pending:
-        (ready,), _ = ray.wait(list(pending), num_returns=1)
-        k = pending.pop(ready)
+    refs = {task.remote(shared[i], cell, cfg, layout.threads): k
+            for k, (i, cell) in enumerate(jobs)}
+    for ref in tasks.as_completed(list(refs)):
+        k = refs[ref]
         try:
-            yield k, ray.get(ready)
+            yield k, ray.get(ref)
         except ray.exceptions.RayError as err:
             i, (feature_set, model, _) = jobs[k]
             yield k, CellResult(_failed_row(analyses[i].base, feature_set, model, err))

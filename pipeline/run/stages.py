@@ -13,10 +13,11 @@ from pipeline.run.runner import Context, Stage, StageError, StageOutcome
 
 def _synthesize(ctx: Context) -> StageOutcome:
     from pipeline.data.synthetic import synthesize
+    from pipeline.progress import counter
 
     s = ctx.cfg.synthetic
     truth = synthesize(ctx.data, patients=s.patients, seed=s.seed, label_noise=s.label_noise,
-                       sequences=s.sequences)
+                       sequences=s.sequences, progress=counter(ctx.progress, "synthetic patients"))
     return StageOutcome(counts={"patients": s.patients, "discs": len(truth)})
 
 
