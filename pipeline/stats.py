@@ -112,7 +112,8 @@ def paired_bootstrap_difference(y_true, score_a, score_b, groups, metric: Metric
     if _n_groups(groups) < 2:
         return Estimate(value, math.nan, math.nan, len(y_true), level)
     r = GroupResamples.of(groups, n_boot, seed) if resamples is None else resamples
-    draws = _resampled(metric, y_true, score_a, r) - _resampled(metric, y_true, score_b, r)
+    draws = np.concatenate([_on_chunk(metric, y_true, score_a, w)
+                            - _on_chunk(metric, y_true, score_b, w) for w in r.chunks()])
     return _percentile_estimate(value, draws, len(y_true), level)
 
 
@@ -256,7 +257,7 @@ def _balanced_accuracy_resampled(y_true, y_pred, weights: np.ndarray) -> np.ndar
     return np.where((tp + fn > 0) & (tn + fp > 0), value, np.nan)
 
 
-# The built-in metrics evaluated on a chunk of resamples at once (matrix products, not a loop).
+# The built-in metrics evaluated on a chunk of resamples at once (array sums, not a loop).
 _RESAMPLED = {
     roc_auc: _roc_auc_resampled,
     f1_positive: _f1_positive_resampled,
@@ -265,12 +266,17 @@ _RESAMPLED = {
 
 
 def _resampled(metric: Metric, y_true, y_score, resamples: GroupResamples) -> np.ndarray:
-    """metric on every resample; any sklearn-style metric works, the built-ins fast."""
+    """metric on every resample, a chunk at a time."""
+    return np.concatenate([_on_chunk(metric, y_true, y_score, w) for w in resamples.chunks()])
+
+
+def _on_chunk(metric: Metric, y_true, y_score, weights: np.ndarray) -> np.ndarray:
+    """metric on every row of one chunk's weights; any sklearn-style metric works, the
+    built-ins fast."""
     fast = _RESAMPLED.get(metric)
     if fast is not None:
-        return np.concatenate([fast(y_true, y_score, w) for w in resamples.chunks()])
-    return np.array([metric(y_true, y_score, sample_weight=row)
-                     for w in resamples.chunks() for row in w], dtype=float)
+        return fast(y_true, y_score, weights)
+    return np.array([metric(y_true, y_score, sample_weight=row) for row in weights], dtype=float)
 
 
 def _confusion(y_true, y_pred, sample_weight):

@@ -403,7 +403,7 @@ def _draw_patient(index: int, seed: int, subset: str) -> dict:
     canal = _canal(rng, discs, bodies, size)
     grid, skin, fat = _grid(rng, discs, bodies, canal)
     scanner = _SCANNERS[int(rng.integers(len(_SCANNERS)))]
-    return dict(patient_id=str(index + 1), subset=subset, sex=sex, age=age, discs=tuple(discs),
+    return dict(patient_id=patient_id(index), subset=subset, sex=sex, age=age, discs=tuple(discs),
                 bodies=tuple(bodies), canal=canal, grid=grid, skin_mm=skin, fat_mm=fat,
                 height_norm_mm=height_norm, pathology=pathology, scanner=scanner)
 
@@ -539,6 +539,11 @@ def subsets(patients: int, seed: int = 0, label_noise: float = 0.1,
     order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(patients)
     validation = set(order[:n_val].tolist())
     return ["validation" if index in validation else "training" for index in range(patients)]
+
+
+def patient_id(index: int) -> str:
+    """Patient number `index` (0-based) as overview.csv and the file names call it."""
+    return str(index + 1)
 
 
 def draw_patient(index: int, seed: int, label_noise: float, subset: str) -> SyntheticPatient:
@@ -968,7 +973,7 @@ def synthesize(
         raise ValueError(f"synthetic sequences must be some of {', '.join(_IMAGE_STREAM)}; "
                          f"got {list(sequences)}")
     cohort_subsets = subsets(patients, seed, label_noise, validation_fraction)
-    _remove_stale_volumes(out_dir, {f"{folder}/{index + 1}_{sequence}.mha"
+    _remove_stale_volumes(out_dir, {f"{folder}/{patient_id(index)}_{sequence}.mha"
                                     for index in range(patients) for sequence in sequences
                                     for folder in ("images", "masks")})
     if on_ray is None:

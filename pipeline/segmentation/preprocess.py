@@ -41,6 +41,15 @@ def read_pair(image_uri: str, mask_uri: str, max_voxels: int = volumes.MAX_VOXEL
     return image, mask
 
 
+def read_usable_pair(row: dict, max_voxels: int = volumes.MAX_VOXELS
+                     ) -> tuple[volumes.Volume, volumes.Volume]:
+    """A series row's image and mask, read (read_pair) and checked fit to use
+    (`validate.check_series`); either refusal is a BadInput naming the file."""
+    image, mask = read_pair(row["image_uri"], row["mask_uri"], max_voxels)
+    validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
+    return image, mask
+
+
 @dataclass(frozen=True)
 class Grid:
     """Where the model's grid sits relative to the native one.
@@ -187,8 +196,7 @@ def load_training_volume(row: dict, target_spacing_mm, roi_size,
     empty arrays and the reason when its files are unusable."""
     base = {"series_id": row["series_id"], "split": row["split"]}
     try:
-        image, mask = read_pair(row["image_uri"], row["mask_uri"], max_voxels)
-        validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
+        image, mask = read_usable_pair(row, max_voxels)
     except validate.BadInput as err:
         return {**base, "error": str(err), "file": err.file,
                 "image": np.zeros((0, 0, 0), np.float32), "label": np.zeros((0, 0, 0), np.uint8)}

@@ -79,8 +79,7 @@ def read_series(row: dict, max_voxels: int = volumes.MAX_VOXELS) -> dict:
     and `error`/`file` filled in."""
     base = {**{key: str(row[key]) for key in _PASSED}, "fold": int(row.get("fold", 0))}
     try:
-        image, mask = preprocess.read_pair(row["image_uri"], row["mask_uri"], max_voxels)
-        validate.check_series(image, mask, row["image_uri"], row["mask_uri"])
+        image, mask = preprocess.read_usable_pair(row, max_voxels)
     except validate.BadInput as err:
         return {**base, "error": str(err), "file": err.file,
                 "image": np.zeros((0, 0, 0), np.float32), "spacing": np.ones(3, np.float64),
