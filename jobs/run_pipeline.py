@@ -2,6 +2,7 @@
 
     python jobs/run_pipeline.py                       # demo: synthetic cohort, embedded Ray
     python jobs/run_pipeline.py --data /data/spider --out /results/spider --preset paper
+    python jobs/run_pipeline.py --config OUT/sweeps/NAME/best.yaml   # a sweep's best config
     ray job submit --working-dir . -- python jobs/run_pipeline.py --data s3://b/spider --out s3://b/run
 
 Exit codes: 0 success, 3 partial success (inputs quarantined, see errors.parquet), 1 failure,
@@ -33,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the demo cohort into <out>/../data)")
     parser.add_argument("--out", default="demo/out", help="output folder or URI")
     parser.add_argument("--preset", default="demo", choices=sorted(configuration.PRESETS))
+    parser.add_argument("--config", metavar="YAML", help="a YAML of section.field: value "
+                        "overrides, path or URI (a sweep's best.yaml); --set wins over it")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE", help="override any config field")
     parser.add_argument("--stages", help="comma-separated subset of stages to run")
@@ -87,11 +90,18 @@ def git_revision() -> str | None:
         return None
 
 
+def load_config(args: argparse.Namespace) -> configuration.Config:
+    """The preset, then the --config YAML's overrides, then --set: one path for every source."""
+    loaded = (configuration.overrides_from_yaml(storage.read_bytes(args.config).decode())
+              if args.config else [])
+    return configuration.load(args.preset, loaded + args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = configuration.load(args.preset, args.overrides)
-    except ValueError as err:
+        cfg = load_config(args)
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = storage.absolute(args.out)

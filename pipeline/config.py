@@ -235,6 +235,28 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     return config
 
 
+def override(key: str, value) -> str:
+    """`key=value` as apply_overrides reads it back: sequences comma-joined, booleans as words."""
+    if isinstance(value, (list, tuple)):
+        text = ",".join(str(v) for v in value)
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    else:
+        text = str(value)
+    return f"{key}={text}"
+
+
+def overrides_from_yaml(text: str) -> list[str]:
+    """A YAML mapping of `section.field: value` (what a sweep writes as best.yaml) as
+    overrides, so a run loads it through the same path as `--set`."""
+    import yaml
+
+    mapping = yaml.safe_load(text) or {}
+    if not isinstance(mapping, dict):
+        raise ValueError("a config YAML must be a mapping of section.field: value")
+    return [override(str(key), value) for key, value in mapping.items()]
+
+
 def load(preset: str = "demo", overrides: list[str] | None = None) -> Config:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")

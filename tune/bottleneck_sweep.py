@@ -17,7 +17,6 @@ and Tuner.restore picks up unfinished trials from their last checkpoints.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import math
 import time
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import ray
-import torch
 from ray import tune
 
 from pipeline import config as config_module
@@ -38,8 +36,8 @@ from pipeline.shape.train import (
     TrainSpec,
     load_training_cubes,
     train_autoencoder,
-    train_cubes,
 )
+from tune.trials import report_cubes
 
 COLUMNS = ["bottleneck", "mean_iou", "iou_ci_low", "iou_ci_high", "epochs", "converged",
            "stopped_early", "wall_s", "chosen", "checkpoint_path", "note"]
@@ -78,13 +76,7 @@ def choose_bottleneck(table: pd.DataFrame, iou_target: float) -> pd.DataFrame:
 def experiment_name(discs_path: str, cfg: Config) -> str:
     """Same discs files + settings -> same name, so a re-run resumes (or returns) the same
     sweep, while re-extracted discs or a changed config start a new one."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(discs_path)
-    files = sorted((f.path.rsplit("/", 1)[-1], f.size, f.mtime_ns)
-                   for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                   if f.type == pafs.FileType.File)
-    key = cfg.section_json("autoencoder", "sweep", "seed") + repr(files)
+    key = cfg.section_json("autoencoder", "sweep", "seed") + storage.fingerprint(discs_path)
     return f"bottleneck-sweep-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -96,18 +88,9 @@ def trial_spec(cfg: Config, bottleneck: int) -> TrainSpec:
 
 def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int,
                  patients: np.ndarray | None = None) -> None:
-
-    torch.set_num_threads(threads)
     bottleneck = int(params["bottleneck"])
-
-    def report(metrics: dict, folder: str | None) -> None:
-        checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
-        tune.report({**metrics, "bottleneck": bottleneck}, checkpoint=checkpoint)
-
-    restored = tune.get_checkpoint()
-    with restored.as_directory() if restored else contextlib.nullcontext() as folder:
-        train_cubes(cubes, trial_spec(cfg, bottleneck), report=report, restore_dir=folder,
-                    device=resources.torch_device(), groups=patients)
+    report_cubes(cubes, trial_spec(cfg, bottleneck), threads, patients,
+                 extra=lambda _: {"bottleneck": bottleneck})
 
 
 def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,

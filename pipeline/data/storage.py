@@ -48,6 +48,17 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def fingerprint(location: str) -> str:
+    """Name, size and modification time of every file under a folder (or of one file), sorted:
+    a key that changes when the data is rewritten, for naming experiments that resume."""
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    found = ([info] if info.type == pafs.FileType.File else
+             fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    return repr(sorted((f.path.rsplit("/", 1)[-1], f.size, f.mtime_ns) for f in found
+                       if f.type == pafs.FileType.File))
+
+
 def makedirs(location: str) -> None:
     fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)

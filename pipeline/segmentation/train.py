@@ -219,12 +219,15 @@ def val_parts(val, workers: int) -> dict:
 
 def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
                     progress: Callable[[str], None] = print,
-                    fold: int | None = None) -> SegmenterResult:
+                    fold: int | None = None, callbacks=None, *,
+                    cpus_per_worker: float | None = None) -> SegmenterResult:
     """Train on the series with split "train", select on split "val" (patient-grouped upstream).
 
     storage_path: a folder or URI for Ray Train's run directory (multi-node clusters need shared
     storage); re-running with the same storage_path and name resumes that run. Every checkpoint's
-    meta.json records `fold` and the patients of the train and val series.
+    meta.json records `fold` and the patients of the train and val series. callbacks and
+    cpus_per_worker are for a sweep's trials (Tune's report callback; a fractional CPU share,
+    default resources.training's), as in train_autoencoder.
     """
     seg = cfg.segmentation
     segmodels.build_segmenter(seg)  # fail on bad settings before any Ray work
@@ -236,6 +239,9 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         for key, split in (("training_patients", "train"), ("selection_patients", "val"))}}
     started = time.perf_counter()
     layout = resources.training(cfg.resources, seg.num_workers)
+    if cpus_per_worker is not None:
+        layout = dataclasses.replace(layout, cpus=cpus_per_worker,
+                                     threads=max(1, int(cpus_per_worker)))
     volumes, skipped = {}, []
     for split in ("train", "val"):  # preprocessed once, held once: one dataset per split
         rows = series.loc[series["split"] == split,
@@ -274,7 +280,7 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
                                          resources_per_worker=layout.resources()),
             torch_config=TorchConfig(backend=resources.torch_backend(layout)),
             run_config=RunConfig(
-                name=name, storage_path=storage.absolute(storage_path),
+                name=name, storage_path=storage.absolute(storage_path), callbacks=callbacks,
                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE,
                                                    checkpoint_score_order="max"),
                 failure_config=FailureConfig(max_failures=2),

@@ -1,0 +1,118 @@
+"""What one sweep trial trains, per target, and the metrics it reports to Tune each epoch.
+
+- segmentation: the pipeline's segmenter (pipeline.segmentation.train.train_segmenter) trained
+  on split "train" and scored each epoch on the patients of split "val", whom it never trains
+  on (`val_dice`, `val_iou`): a TorchTrainer per trial, named per trial, whose rank-0 reports
+  Tune's TuneReportCallback forwards so ASHA can stop a poor trial between epochs.
+- autoencoder: the autoencoder's training (pipeline.shape.train.train_cubes) as a plain loop in
+  the trial, on the training cubes read once on the driver (the bottleneck sweep's laptop
+  path), reporting every checkpoint_every epochs: `mean_iou` (whole training set) and
+  `epochs_to_converge`.
+
+Each trial's config is the sweep's config with the trial's sampled values applied as
+`section.field=value` overrides, the same path a run's `--set` takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import tune
+
+from pipeline import config as config_module
+from pipeline import resources
+from pipeline.config import Config
+from tune import space
+
+# In a trial's own last report: it ran to its end. Tune marks a trial that ASHA stopped "done"
+# as well, so this is how a stopped trial is told from a finished one.
+FINISHED = "trial_finished"
+
+
+@dataclass(frozen=True)
+class Target:
+    metrics: dict[str, str]  # metric -> its natural mode ("max" | "min"); the first is the default
+    time_attr: str  # the reported counter ASHA's rungs are measured in
+    epochs_field: str  # the config field that caps a trial's epochs
+
+    def max_epochs(self, cfg: Config, params: dict[str, space.Param]) -> int:
+        """The most epochs any trial can run: the config's, or the space's largest."""
+        section, name = self.epochs_field.split(".")
+        base = int(getattr(getattr(cfg, section), name))
+        swept = params.get(self.epochs_field)
+        return max(base, int(swept.upper())) if swept is not None else base
+
+
+TARGETS = {
+    "segmentation": Target({"val_dice": "max", "val_iou": "max"}, "epoch",
+                           "segmentation.epochs"),
+    "autoencoder": Target({"mean_iou": "max", "epochs_to_converge": "min"}, "epochs",
+                          "autoencoder.max_epochs"),
+}
+
+
+def trial_config(cfg: Config, params: dict) -> Config:
+    """The sweep's config with one trial's sampled values applied."""
+    return config_module.apply_overrides(copy.deepcopy(cfg), space.overrides(params))
+
+
+def segmentation_trial(params: dict, series, cfg: Config, storage_path: str, experiment: str,
+                       cpus_per_worker: float) -> None:
+    """Tune function trainable: one segmenter training on Ray Train, its epochs forwarded to
+    Tune; a restored trial resumes its Train run (same name and storage) from its checkpoint."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.segmentation.train import train_segmenter
+
+    result = train_segmenter(
+        series, trial_config(cfg, params), storage_path,
+        name=f"{experiment}-{tune.get_context().get_trial_id()}", progress=lambda _: None,
+        callbacks=[TuneReportCallback()], cpus_per_worker=cpus_per_worker)
+    # the selected checkpoint's scores; an ASHA-stopped trial never gets here
+    tune.report({"epoch": result.epochs_run, "val_dice": result.best_val_dice,
+                 "val_iou": result.best_val_iou, "checkpoint_path": result.checkpoint_path,
+                 FINISHED: True})
+
+
+def epochs_to_converge(metrics: dict, max_epochs: int) -> float:
+    """Epochs to reach autoencoder.iou_target; a trial not (yet) converged counts as
+    max_epochs·(2 − mean IoU), so it ranks after every converged trial, and by its IoU among
+    the unconverged: one number that ASHA and the searcher can both minimise at every report."""
+    if metrics["converged"]:
+        return float(metrics["epochs"])
+    return max_epochs * (2.0 - float(metrics["mean_iou"]))
+
+
+def autoencoder_trial(params: dict, cubes: np.ndarray, patients: np.ndarray, cfg: Config,
+                      threads: int) -> None:
+    """Tune function trainable: the autoencoder's training loop in the trial itself,
+    checkpointing through Tune; a restored trial continues from its last checkpoint."""
+    from pipeline.shape.train import TrainSpec
+
+    trial_cfg = trial_config(cfg, params)
+    spec = TrainSpec.from_config(trial_cfg, trial_cfg.autoencoder.bottleneck)
+    report_cubes(cubes, spec, threads, patients, extra=lambda m: {
+        "epochs_to_converge": epochs_to_converge(m, spec.max_epochs),
+        FINISHED: bool(m["converged"]) or m["epochs"] >= spec.max_epochs})
+
+
+def report_cubes(cubes: np.ndarray, spec, threads: int, patients: np.ndarray | None,
+                 extra=lambda metrics: {}) -> None:
+    """train_cubes inside a Tune trial: reports and checkpoints go to Tune (metrics plus
+    `extra(metrics)`), and a restored trial continues from Tune's checkpoint."""
+    from pipeline.shape.train import train_cubes
+
+    torch.set_num_threads(threads)
+
+    def report(metrics: dict, folder: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
+        tune.report({**metrics, **extra(metrics)}, checkpoint=checkpoint)
+
+    restored = tune.get_checkpoint()
+    with restored.as_directory() if restored else contextlib.nullcontext() as folder:
+        train_cubes(cubes, spec, report=report, restore_dir=folder,
+                    device=resources.torch_device(), groups=patients)
