@@ -216,12 +216,13 @@ def run_sweep(data: str, cfg: Config, spec: SweepSpec, out: str, storage_path: s
     grid = tuner.fit()
     table = sweep_outputs.trial_table(grid, spec, storage_path)
     unfinished = table[table["status"] == sweep_outputs.UNFINISHED]
-    if len(unfinished):
-        # Tune answers Ctrl-C by saving its state and returning normally
+    if len(unfinished) or len(table) < spec.trial_count():
+        # Tune answers Ctrl-C by saving its state and returning normally, with trials unfinished
+        # or (a searcher proposes them one by one) not yet created
         raise SweepInterrupted(
-            f"the sweep stopped before trial(s) {', '.join(unfinished.trial_id)} finished "
-            f"(interrupted?); run it again with the same data, config and sweep to resume "
-            f"them in {experiment_path}")
+            f"the sweep stopped with {len(table) - len(unfinished)} of {spec.trial_count()} "
+            f"trials finished (interrupted?); run it again with the same data, config and "
+            f"sweep to resume it in {experiment_path}")
     outcome = sweep_outputs.write(table, grid, spec, folder)
     progress(f"{spec.target} sweep done in {time.perf_counter() - started:.0f} s:\n"
              + sweep_outputs.printable(table, spec))
