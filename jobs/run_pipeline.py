@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as configuration  # noqa: E402
-from pipeline import resources  # noqa: E402
+from pipeline import connect  # noqa: E402
 from pipeline.analysis.report import package_versions  # noqa: E402
 from pipeline.data import storage  # noqa: E402
 from pipeline.run import stages as pipeline_stages  # noqa: E402
@@ -45,40 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
     return parser.parse_args(argv)
-
-
-def connect_ray(address: str | None) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune banner: the sweep prints its own lines
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=resources.runtime_env())
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", log_to_driver=False, configure_logging=False,
-                 runtime_env=resources.runtime_env())
-    quiet_ray_data_console()
-    total = ray.cluster_resources()
-    print(f"ray: {'joined ' + address if address else 'embedded local Ray'}; "
-          f"{total.get('CPU', 0):.0f} CPUs, {total.get('GPU', 0):.0f} GPUs, "
-          f"{len(ray.nodes())} node(s)", flush=True)
-
-
-def quiet_ray_data_console() -> None:
-    """Ray Data logs every dataset execution at INFO on the console; those lines stay in the
-    session's ray-data.log, and the console shows its warnings only, so the stage lines read."""
-    import logging
-
-    import ray.data  # noqa: F401  configures the "ray.data" logger
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setLevel(logging.WARNING)
 
 
 def git_revision() -> str | None:
@@ -116,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (synthetic)' if synthesize else ''}, out {out}", flush=True)
     started = time.time()
     try:
-        connect_ray(args.address)
+        connect.connect_ray(args.address)
         run_info = {"versions": package_versions(), "git_revision": git_revision(),
                     "command": sys.argv}
         code = run_stages(pipeline_stages.build(synthesize), ctx, selected, tuple(args.force),

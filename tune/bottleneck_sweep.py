@@ -19,17 +19,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import ray
 from ray import tune
 
 from pipeline import config as config_module
-from pipeline import resources
+from pipeline import connect, resources
 from pipeline.config import Config
 from pipeline.data import checkpoints, storage, tables
 from pipeline.shape.train import (
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     args = parser.parse_args(argv)
     cfg = config_module.load(args.preset, args.overrides)
-    ray.init(address=args.address, runtime_env=resources.runtime_env())
+    connect.connect_ray(args.address or os.environ.get("RAY_ADDRESS"))
     storage_path = args.storage or storage.join(storage.absolute(args.out), "ray")
     return run_sweep(args.discs, cfg, storage_path, args.out)
 

@@ -20,7 +20,6 @@ discs.parquet (autoencoder).
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -30,11 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import ray
 from ray import tune
 
 from pipeline import config as config_module
-from pipeline import faults, resources
+from pipeline import connect, faults, resources
 from pipeline.config import Config
 from pipeline.data import storage
 from tune import space as space_module
@@ -115,8 +113,8 @@ def _searcher(spec: SweepSpec, seed: int):
 
 
 def _scheduler(spec: SweepSpec, max_epochs: int):
-    """ASHA in the target's epochs. It never stops a trial for reaching max_t: a segmenter
-    trial's own last report must arrive before its Train run ends."""
+    """ASHA in the target's epochs. It never stops a trial for reaching max_t: a trial ends by
+    itself, its own last report saying it finished (trials.FINISHED)."""
     from ray.tune.schedulers import ASHAScheduler
 
     grace = spec.grace_epochs or max(1, max_epochs // 4)
@@ -124,27 +122,24 @@ def _scheduler(spec: SweepSpec, max_epochs: int):
                          grace_period=grace, reduction_factor=2, stop_last_trials=False)
 
 
-def _trainable(data: str, cfg: Config, spec: SweepSpec, storage_path: str, name: str,
-               progress: Callable[[str], None]):
-    """The target's trainable with its data bound, sized by pipeline.resources."""
-    nested = spec.target == "segmentation"
-    workers = (cfg.segmentation.num_workers or 1) if nested else 1
-    plan = resources.sweep(cfg.resources, spec.trial_count(), nested, workers)
+def _trainable(data: str, cfg: Config, spec: SweepSpec, progress: Callable[[str], None]):
+    """The target's trainable with its data read once and bound, sized by pipeline.resources
+    as the bottleneck sweep's plain trials are."""
+    plan = resources.sweep(cfg.resources, spec.trial_count(), nested=False)
     concurrency = min(plan.concurrency, spec.concurrency or plan.concurrency)
-    if nested:
+    if spec.target == "segmentation":
         from pipeline.data.cohort import catalog
+        from pipeline.segmentation.train import preprocessed_volumes
 
-        cfg = copy.deepcopy(cfg)
-        cfg.segmentation.num_workers = workers  # as many as the plan sized the trials for
         series = catalog(data, sequence=cfg.sequence, val_fraction=cfg.segmentation.val_fraction,
                          seed=cfg.seed).series
         splits = set(series["split"]) if len(series) else set()
         if not {"train", "val"} <= splits:
             raise ValueError(f"{data}: a segmentation sweep needs patients in splits train and "
                              f"val; found {sorted(splits) or 'no usable series'}")
-        trainable = tune.with_parameters(
-            segmentation_trial, series=series, cfg=cfg, storage_path=storage_path,
-            experiment=name, cpus_per_worker=plan.cpus_per_worker)
+        volumes, _ = preprocessed_volumes(series, cfg, progress)
+        trainable = tune.with_parameters(segmentation_trial, volumes=volumes, cfg=cfg,
+                                         threads=plan.threads)
     else:
         from pipeline.shape.train import load_training_cubes
 
@@ -152,8 +147,7 @@ def _trainable(data: str, cfg: Config, spec: SweepSpec, storage_path: str, name:
         trainable = tune.with_parameters(autoencoder_trial, cubes=cubes, patients=patients,
                                          cfg=cfg, threads=plan.threads)
     progress(f"{spec.target} sweep: {spec.trial_count()} trials ({spec.search} search, ASHA), "
-             f"{concurrency} at once, {plan.trial_resources} each"
-             + (f", Train workers {plan.cpus_per_worker:.2f} CPU each" if nested else ""))
+             f"{concurrency} at once, {plan.trial_resources} each")
     return tune.with_resources(trainable, plan.trial_resources), concurrency
 
 
@@ -192,7 +186,7 @@ def run_sweep(data: str, cfg: Config, spec: SweepSpec, out: str, storage_path: s
     name = name or experiment_name(data, cfg, spec)
     folder = storage.join(out, "sweeps", name)
     max_epochs = TARGETS[spec.target].max_epochs(cfg, spec.space)
-    trainable, concurrency = _trainable(data, cfg, spec, storage_path, name, progress)
+    trainable, concurrency = _trainable(data, cfg, spec, progress)
     experiment_path = storage.join(storage_path, name)
     started = time.perf_counter()
     if tune.Tuner.can_restore(experiment_path):
@@ -200,7 +194,7 @@ def run_sweep(data: str, cfg: Config, spec: SweepSpec, out: str, storage_path: s
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:
         callbacks = [TrialLines(progress, spec)]
-        logger = tracking.logger(tracking_uri, folder, name, progress)
+        logger = tracking.logger(tracking_uri, folder, name, storage_path, progress)
         if logger is not None:
             callbacks.append(logger)
         tuner = tune.Tuner(
@@ -208,7 +202,7 @@ def run_sweep(data: str, cfg: Config, spec: SweepSpec, out: str, storage_path: s
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.samples,
                 search_alg=_searcher(spec, cfg.seed), scheduler=_scheduler(spec, max_epochs),
-                max_concurrent_trials=concurrency),
+                max_concurrent_trials=concurrency, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=0, callbacks=callbacks,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
@@ -275,10 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_module.load(spec.preset, list(spec.overrides))
         if args.tracking_uri:
             tracking.require_mlflow()
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune banner: TrialLines' lines
         # no address: an embedded Ray, never a stale local cluster's
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local",
-                 log_to_driver=False, runtime_env=resources.runtime_env())
+        connect.connect_ray(args.address or os.environ.get("RAY_ADDRESS"))
         run_sweep(args.data, cfg, spec, args.out, args.storage, args.tracking_uri,
                   progress=lambda line: print(line, flush=True), name=args.name)
     except (ValueError, FileNotFoundError) as err:

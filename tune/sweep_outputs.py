@@ -34,18 +34,11 @@ def _status(trial) -> str:
     return UNFINISHED
 
 
-def _checkpoint(result, history: pd.DataFrame, storage_path: str) -> str | None:
-    """The trial's last checkpoint as a path or URI that round-trips: a Tune checkpoint (plain
-    trials), else the last one its Train run reported (nested trials)."""
-    if result.checkpoint is not None:
-        return checkpoints.location(result.checkpoint, storage_path)
-    reported = history["checkpoint_path"].dropna() if "checkpoint_path" in history else []
-    if not len(reported):
+def _checkpoint(result, storage_path: str) -> str | None:
+    """The trial's last checkpoint as a path or URI that round-trips."""
+    if result.checkpoint is None:
         return None
-    path = str(reported.iloc[-1])
-    if storage.is_uri(storage_path) and not storage.is_uri(path):
-        path = f"{storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
-    return path
+    return checkpoints.location(result.checkpoint, storage_path)
 
 
 def trial_table(grid, spec, storage_path: str) -> pd.DataFrame:
@@ -65,7 +58,7 @@ def trial_table(grid, spec, storage_path: str) -> pd.DataFrame:
             "epochs": int(history[time_attr].max()) if time_attr in history else 0,
             "wall_s": float(history["time_total_s"].max()) if "time_total_s" in history
             else math.nan,
-            "checkpoint_path": _checkpoint(result, history, storage_path),
+            "checkpoint_path": _checkpoint(result, storage_path),
             "error": str(result.error).strip().splitlines()[-1][:200] if result.error else "",
             **{key: trial.config.get(key) for key in spec.space}})
     table = pd.DataFrame(rows)

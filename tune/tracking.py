@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from pipeline.data import storage
+from pipeline.data import checkpoints, storage
 
 INSTALL = "pip install 'pipeline[tracking]'"
 
@@ -21,7 +21,7 @@ def require_mlflow() -> None:
         raise ValueError(f"--tracking-uri needs MLflow, which is not installed: {INSTALL}") from err
 
 
-def logger(tracking_uri: str | None, folder: str, experiment: str,
+def logger(tracking_uri: str | None, folder: str, experiment: str, storage_path: str,
            progress: Callable[[str], None]):
     """The Tune callback that logs every trial, or None (untracked). No URI: a local store in
     `folder`/mlflow.db (MLflow 3 refuses its old ./mlruns file store unless told to allow it,
@@ -39,18 +39,22 @@ def logger(tracking_uri: str | None, folder: str, experiment: str,
         tracking_uri = "sqlite:///" + storage.join(folder, "mlflow.db")
     require_mlflow()
     progress(f"tracking trials in MLflow at {tracking_uri}, experiment {experiment}")
-    return TrialRuns(tracking_uri=tracking_uri, experiment_name=experiment)
+    runs = TrialRuns(tracking_uri=tracking_uri, experiment_name=experiment)
+    runs.storage_path = storage_path
+    return runs
 
 
 class TrialRuns(MLflowLoggerCallback):
-    """Ray's MLflow logger, plus the trial's final checkpoint location as the run's tag."""
+    """Ray's MLflow logger, plus the trial's final checkpoint location (a path or URI that
+    round-trips) as the run's tag."""
+
+    storage_path = ""  # the sweep's, to give a checkpoint on S3 back its scheme
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         import mlflow
 
-        path = (trial.last_result or {}).get("checkpoint_path") or (
-            trial.checkpoint.path if trial.checkpoint else None)
-        if path:
-            mlflow.MlflowClient(self.tracking_uri).set_tag(self._trial_runs[trial],
-                                                           "checkpoint_path", str(path))
+        if trial.checkpoint is not None:
+            mlflow.MlflowClient(self.tracking_uri).set_tag(
+                self._trial_runs[trial], "checkpoint_path",
+                checkpoints.location(trial.checkpoint, self.storage_path))
         super().log_trial_end(trial, failed)

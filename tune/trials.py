@@ -1,9 +1,10 @@
 """What one sweep trial trains, per target, and the metrics it reports to Tune each epoch.
 
-- segmentation: the pipeline's segmenter (pipeline.segmentation.train.train_segmenter) trained
-  on split "train" and scored each epoch on the patients of split "val", whom it never trains
-  on (`val_dice`, `val_iou`): a TorchTrainer per trial, named per trial, whose rank-0 reports
-  Tune's TuneReportCallback forwards so ASHA can stop a poor trial between epochs.
+- segmentation: the pipeline's segmenter, its epoch loop (pipeline.segmentation.train.
+  train_epochs, the loop Ray Train's workers run) in the trial itself, trained on split "train"
+  and scored each epoch on the patients of split "val", whom it never trains on (`val_dice`,
+  `val_iou`), so ASHA can stop a poor trial between epochs. A plain trial, not Tune over Train:
+  a trial ASHA stops is Tune's to clean up, and a sweep's parallelism is its trials.
 - autoencoder: the autoencoder's training (pipeline.shape.train.train_cubes) as a plain loop in
   the trial, on the training cubes read once on the driver (the bottleneck sweep's laptop
   path), reporting every checkpoint_every epochs: `mean_iou` (whole training set) and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,22 +62,25 @@ def trial_config(cfg: Config, params: dict) -> Config:
     return config_module.apply_overrides(copy.deepcopy(cfg), space.overrides(params))
 
 
-def segmentation_trial(params: dict, series, cfg: Config, storage_path: str, experiment: str,
-                       cpus_per_worker: float) -> None:
-    """Tune function trainable: one segmenter training on Ray Train, its epochs forwarded to
-    Tune; a restored trial resumes its Train run (same name and storage) from its checkpoint."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+def segmentation_trial(params: dict, volumes: dict, cfg: Config, threads: int) -> None:
+    """Tune function trainable: the segmenter's epoch loop (pipeline.segmentation.train.
+    train_epochs) in the trial itself, on the volumes the driver preprocessed once, each epoch
+    reported and checkpointed through Tune; a restored trial continues from its last
+    checkpoint."""
+    from pipeline.segmentation.train import Loop, finished, train_epochs
 
-    from pipeline.segmentation.train import train_segmenter
+    trial_cfg = trial_config(cfg, params)
 
-    result = train_segmenter(
-        series, trial_config(cfg, params), storage_path,
-        name=f"{experiment}-{tune.get_context().get_trial_id()}", progress=lambda _: None,
-        callbacks=[TuneReportCallback()], cpus_per_worker=cpus_per_worker)
-    # the selected checkpoint's scores; an ASHA-stopped trial never gets here
-    tune.report({"epoch": result.epochs_run, "val_dice": result.best_val_dice,
-                 "val_iou": result.best_val_iou, "checkpoint_path": result.checkpoint_path,
-                 FINISHED: True})
+    def report(state: dict, metrics: dict, folder: str | None) -> None:
+        tune.report({**metrics, FINISHED: finished(state, trial_cfg.segmentation)},
+                    checkpoint=tune.Checkpoint.from_directory(folder))
+
+    restored = tune.get_checkpoint()
+    with restored.as_directory() if restored else contextlib.nullcontext() as folder:
+        train_epochs({"segmentation": dataclasses.asdict(trial_cfg.segmentation),
+                      "seed": trial_cfg.seed, "threads": threads, "progress": None},
+                     Loop(0, 1, volumes["train"], volumes["val"], resources.torch_device(),
+                          folder, report))
 
 
 def epochs_to_converge(metrics: dict, max_epochs: int) -> float:

@@ -7,7 +7,9 @@ validation runs sliding-window inference over whole validation volumes on the mo
 across workers and summed with an all-reduce so every worker takes the same early-stopping
 decision. Each epoch reports a checkpoint (model.pt, optimizer.pt, meta.json with the whole
 training state), so a restarted run with the same storage_path and name resumes where it was;
-Ray keeps the best by validation IoU plus the latest.
+Ray keeps the best by validation IoU plus the latest. The epoch loop (`train_epochs`) is the
+same in a Ray Train worker and in a hyperparameter sweep's trial (tune.trials), which runs it in
+the trial itself on volumes preprocessed once (`preprocessed_volumes`).
 
 `train_folds` cross-fits: one such run per fold of patients (pipeline.segmentation.folds), each
 trained and selected without the patients it will segment, and each checkpoint's meta.json
@@ -16,6 +18,7 @@ records its fold and the patients it trained and selected on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -99,7 +102,8 @@ def _crop_batches(shard, transform, batch_size: int) -> Iterator[tuple[torch.Ten
     yield from drain(pool)
 
 
-def _validate(model, val_part, seg: SegmentationConfig, device) -> dict[str, float]:
+def _validate(model, val_part, seg: SegmentationConfig, device, world_size: int
+              ) -> dict[str, float]:
     """Mean Dice and IoU over whole validation volumes (model grid): each worker scores its own
     part of the validation set (`val_parts`), and the sums are all-reduced."""
     network = getattr(model, "module", model)  # DDP's forward would wait for the other ranks
@@ -112,7 +116,7 @@ def _validate(model, val_part, seg: SegmentationConfig, device) -> dict[str, flo
                                               overlap=seg.inference_overlap, mode="gaussian")
             dice, iou = dice_iou((logits[0, 0] > 0).cpu().numpy(), row["label"])
             totals += torch.tensor([dice, iou, 1.0], dtype=torch.float64)
-    if ray.train.get_context().get_world_size() > 1:
+    if world_size > 1:
         reduced = totals.to(device)
         torch.distributed.all_reduce(reduced)
         totals = reduced.cpu()
@@ -120,22 +124,86 @@ def _validate(model, val_part, seg: SegmentationConfig, device) -> dict[str, flo
     return {"val_dice": float(totals[0]) / count, "val_iou": float(totals[1]) / count}
 
 
-def _resume_state(model, optimizer, config: dict) -> dict:
-    """Training state from the checkpoint Ray hands a restarted run (rank 0 says which), else a
-    fresh one."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+def _resume_state(model, optimizer, restored: str | None) -> dict:
+    """Training state from a checkpoint folder to resume from, else a fresh one."""
+    if restored is None:
         return {"epoch": 0, "best_epoch": 0, "best_val_iou": -1.0, "best_val_dice": -1.0,
                 "history": []}
-    with checkpoint.as_directory() as folder:
-        getattr(model, "module", model).load_state_dict(checkpoints.read_state(folder))
-        optimizer.load_state_dict(checkpoints.read_state(folder, checkpoints.OPTIMIZER_FILE))
-        meta = checkpoints.read_meta(folder, "segmenter")
-    if ray.train.get_context().get_world_rank() == 0:
-        send(config.get("progress"), f"segmentation: resuming after epoch {meta['epoch']} from "
-             f"{checkpoints.location(checkpoint, config['storage_path'])}")
+    getattr(model, "module", model).load_state_dict(checkpoints.read_state(restored))
+    optimizer.load_state_dict(checkpoints.read_state(restored, checkpoints.OPTIMIZER_FILE))
+    meta = checkpoints.read_meta(restored, "segmenter")
     return {key: meta[key] for key in ("epoch", "best_epoch", "best_val_iou", "best_val_dice",
                                        "history")}
+
+
+def finished(state: dict, seg: SegmentationConfig) -> bool:
+    """Training ends at segmentation.epochs, or after `patience` epochs without a better IoU."""
+    return state["epoch"] >= seg.epochs or state["epoch"] - state["best_epoch"] >= seg.patience
+
+
+@dataclass
+class Loop:
+    """Where one run of the epoch loop (`train_epochs`) gets its data and sends its epochs: a
+    Ray Train worker (its dataset shards, ray.train.report) or a sweep trial (whole datasets,
+    tune.report)."""
+
+    rank: int
+    world_size: int
+    train: object  # anything with iter_rows(): a Ray Train shard or a materialised Dataset
+    val: object
+    device: torch.device
+    restored: str | None  # a checkpoint folder to resume from
+    report: Callable[[dict, dict, str | None], None]  # (state, metrics, checkpoint folder)
+    prepare: Callable = lambda model, device: model.to(device)  # prepare_model under Train
+
+
+def train_epochs(config: dict, loop: Loop) -> dict:
+    """The epoch loop. config: segmentation (asdict of SegmentationConfig), seed, threads (torch
+    threads for this process's CPU share), progress (a WorkerProgress sink or None), identity
+    (recorded in each checkpoint's meta). Each epoch writes a checkpoint on rank 0 (model.pt,
+    optimizer.pt, meta.json with the whole training state) and hands it to loop.report."""
+    seg = segmodels.config_from_meta(config)
+    torch.set_num_threads(config["threads"])
+    set_track_meta(False)  # plain tensors out of MONAI transforms
+    rank = loop.rank
+    torch.manual_seed(config["seed"] + rank)
+    random.seed(config["seed"] + rank)
+    model = loop.prepare(segmodels.build_segmenter(seg), loop.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=seg.lr)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
+    state = _resume_state(model, optimizer, loop.restored)
+    transform = preprocess.training_transform(seg.roi_size, seg.crops_per_volume,
+                                              seed=config["seed"] + 1000 * state["epoch"] + rank)
+    while not finished(state, seg):
+        started = time.perf_counter()
+        model.train()
+        losses = []
+        for images, targets in _crop_batches(loop.train, transform, seg.batch_size):
+            optimizer.zero_grad()
+            loss = loss_fn(model(images.to(loop.device)), targets.to(loop.device))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        metrics = _validate(model, loop.val, seg, loop.device, loop.world_size)
+        state["epoch"] += 1
+        if metrics[SCORE] > state["best_val_iou"]:
+            state.update(best_epoch=state["epoch"], best_val_iou=metrics["val_iou"],
+                         best_val_dice=metrics["val_dice"])
+        metrics.update(epoch=state["epoch"], train_loss=float(np.mean(losses)) if losses else math.nan,
+                       seconds=time.perf_counter() - started)
+        state["history"].append(metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                meta = {"segmentation": config["segmentation"], **config.get("identity", {}),
+                        **state, **metrics}
+                checkpoints.write(folder, model, meta, optimizer)
+                send(config.get("progress"),
+                     f"segmentation epoch {state['epoch']}/{seg.epochs}: loss "
+                     f"{metrics['train_loss']:.3f}, val Dice {metrics['val_dice']:.3f}, IoU "
+                     f"{metrics['val_iou']:.3f} (best {state['best_val_iou']:.3f} at epoch "
+                     f"{state['best_epoch']}), {metrics['seconds']:.1f} s")
+            loop.report(state, metrics, folder if rank == 0 else None)
+    return state
 
 
 def _committed_epoch(storage_path: str) -> int:
@@ -153,60 +221,29 @@ def _committed_epoch(storage_path: str) -> int:
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train worker loop. config: segmentation (asdict of SegmentationConfig), seed,
-    threads (torch threads for this worker's CPU share), progress (a WorkerProgress sink),
-    storage_path (the run's, to name the checkpoint a restart resumes from)."""
-    seg = segmodels.config_from_meta(config)
-    torch.set_num_threads(config["threads"])
-    set_track_meta(False)  # plain tensors out of MONAI transforms
-    rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(config["seed"] + rank)
-    random.seed(config["seed"] + rank)
-    device = resources.torch_device(train_worker=True)
-    model = prepare_model(segmodels.build_segmenter(seg), move_to_device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=seg.lr)
-    loss_fn = DiceCELoss(sigmoid=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
-    state = _resume_state(model, optimizer, config)
-    transform = preprocess.training_transform(seg.roi_size, seg.crops_per_volume,
-                                              seed=config["seed"] + 1000 * state["epoch"] + rank)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_part = ray.train.get_dataset_shard(f"val{rank}")
-    while state["epoch"] < seg.epochs and state["epoch"] - state["best_epoch"] < seg.patience:
-        started = time.perf_counter()
-        model.train()
-        losses = []
-        for images, targets in _crop_batches(train_shard, transform, seg.batch_size):
-            optimizer.zero_grad()
-            loss = loss_fn(model(images.to(device)), targets.to(device))
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        metrics = _validate(model, val_part, seg, device)
-        state["epoch"] += 1
-        if metrics[SCORE] > state["best_val_iou"]:
-            state.update(best_epoch=state["epoch"], best_val_iou=metrics["val_iou"],
-                         best_val_dice=metrics["val_dice"])
-        metrics.update(epoch=state["epoch"], train_loss=float(np.mean(losses)) if losses else math.nan,
-                       seconds=time.perf_counter() - started)
-        state["history"].append(metrics)
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:
-                meta = {"segmentation": config["segmentation"], **config.get("identity", {}),
-                        **state, **metrics}
-                checkpoints.write(folder, model, meta, optimizer)
-                checkpoint = Checkpoint.from_directory(folder)
-                send(config.get("progress"),
-                     f"segmentation epoch {state['epoch']}/{seg.epochs}: loss "
-                     f"{metrics['train_loss']:.3f}, val Dice {metrics['val_dice']:.3f}, IoU "
-                     f"{metrics['val_iou']:.3f} (best {state['best_val_iou']:.3f} at epoch "
-                     f"{state['best_epoch']}), {metrics['seconds']:.1f} s")
-            # dies with this epoch's checkpoint unreported, once the last one is committed: the
-            # restart resumes from it
-            faults.point(f"segtrain rank {rank} epoch {state['epoch']}", ready=lambda: (
-                _committed_epoch(config["storage_path"]) >= state["epoch"] - 1))
-            ray.train.report(metrics, checkpoint=checkpoint)
-    return state
+    """Ray Train worker loop: train_epochs on this worker's shards, resuming from the checkpoint
+    Ray hands a restarted run. config: train_epochs' and storage_path (the run's, to name the
+    checkpoint a restart resumes from)."""
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+
+    def report(state: dict, metrics: dict, folder: str | None) -> None:
+        # dies with this epoch's checkpoint unreported, once the last one is committed: the
+        # restart resumes from it
+        faults.point(f"segtrain rank {rank} epoch {state['epoch']}", ready=lambda: (
+            _committed_epoch(config["storage_path"]) >= state["epoch"] - 1))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None)
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
+        if restored and rank == 0:
+            epoch = checkpoints.read_meta(restored, "segmenter")["epoch"]
+            send(config.get("progress"), f"segmentation: resuming after epoch {epoch} from "
+                 f"{checkpoints.location(checkpoint, config['storage_path'])}")
+        return train_epochs(config, Loop(
+            rank, context.get_world_size(), ray.train.get_dataset_shard("train"),
+            ray.train.get_dataset_shard(f"val{rank}"),
+            resources.torch_device(train_worker=True), restored, report, prepare_model))
 
 
 def val_parts(val, workers: int) -> dict:
@@ -217,31 +254,12 @@ def val_parts(val, workers: int) -> dict:
     return {f"val{rank}": part for rank, part in enumerate(parts)}
 
 
-def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
-                    progress: Callable[[str], None] = print,
-                    fold: int | None = None, callbacks=None, *,
-                    cpus_per_worker: float | None = None) -> SegmenterResult:
-    """Train on the series with split "train", select on split "val" (patient-grouped upstream).
-
-    storage_path: a folder or URI for Ray Train's run directory (multi-node clusters need shared
-    storage); re-running with the same storage_path and name resumes that run. Every checkpoint's
-    meta.json records `fold` and the patients of the train and val series. callbacks and
-    cpus_per_worker are for a sweep's trials (Tune's report callback; a fractional CPU share,
-    default resources.training's), as in train_autoencoder.
-    """
+def preprocessed_volumes(series: pd.DataFrame, cfg: Config, progress: Callable[[str], None]
+                         ) -> tuple[dict, list[dict]]:
+    """The "train" and "val" series read and preprocessed once by Ray Data and held once
+    (materialised): {split: Dataset}, and the series that could not be read (series_id, file,
+    reason), each said to `progress`. Raises if a split has no usable series."""
     seg = cfg.segmentation
-    segmodels.build_segmenter(seg)  # fail on bad settings before any Ray work
-    missing = {"series_id", "patient_id", "image_uri", "mask_uri", "split"} - set(series.columns)
-    if missing:
-        raise ValueError(f"series table lacks columns {sorted(missing)}")
-    identity = {"fold": fold, **{
-        key: sorted(set(series.loc[series["split"] == split, "patient_id"].astype(str)))
-        for key, split in (("training_patients", "train"), ("selection_patients", "val"))}}
-    started = time.perf_counter()
-    layout = resources.training(cfg.resources, seg.num_workers)
-    if cpus_per_worker is not None:
-        layout = dataclasses.replace(layout, cpus=cpus_per_worker,
-                                     threads=max(1, int(cpus_per_worker)))
     volumes, skipped = {}, []
     for split in ("train", "val"):  # preprocessed once, held once: one dataset per split
         rows = series.loc[series["split"] == split,
@@ -266,6 +284,29 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
         if not usable:
             raise no_usable
         progress(f"segmentation: {usable} {split} series preprocessed")
+    return volumes, skipped
+
+
+def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
+                    progress: Callable[[str], None] = print,
+                    fold: int | None = None) -> SegmenterResult:
+    """Train on the series with split "train", select on split "val" (patient-grouped upstream).
+
+    storage_path: a folder or URI for Ray Train's run directory (multi-node clusters need shared
+    storage); re-running with the same storage_path and name resumes that run. Every checkpoint's
+    meta.json records `fold` and the patients of the train and val series.
+    """
+    seg = cfg.segmentation
+    segmodels.build_segmenter(seg)  # fail on bad settings before any Ray work
+    missing = {"series_id", "patient_id", "image_uri", "mask_uri", "split"} - set(series.columns)
+    if missing:
+        raise ValueError(f"series table lacks columns {sorted(missing)}")
+    identity = {"fold": fold, **{
+        key: sorted(set(series.loc[series["split"] == split, "patient_id"].astype(str)))
+        for key, split in (("training_patients", "train"), ("selection_patients", "val"))}}
+    started = time.perf_counter()
+    layout = resources.training(cfg.resources, seg.num_workers)
+    volumes, skipped = preprocessed_volumes(series, cfg, progress)
     datasets = {"train": volumes["train"], **val_parts(volumes["val"], layout.count)}
     progress(f"segmentation: training {seg.model} on {layout.count} worker(s), "
              f"{'a GPU and ' if layout.gpu else ''}{layout.cpus:g} CPU each")
@@ -280,7 +321,7 @@ def train_segmenter(series: pd.DataFrame, cfg: Config, storage_path: str, name: 
                                          resources_per_worker=layout.resources()),
             torch_config=TorchConfig(backend=resources.torch_backend(layout)),
             run_config=RunConfig(
-                name=name, storage_path=storage.absolute(storage_path), callbacks=callbacks,
+                name=name, storage_path=storage.absolute(storage_path),
                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE,
                                                    checkpoint_score_order="max"),
                 failure_config=FailureConfig(max_failures=2),

@@ -1,0 +1,44 @@
+"""Join the Ray cluster a command runs on, or start an embedded one, quietly: every entry point
+(the job, the sweeps) connects the same way and prints the same one line."""
+
+from __future__ import annotations
+
+import os
+
+from pipeline import resources
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at `address`, else start an embedded Ray (never a stale local cluster
+    found by accident); once per process, with the job's runtime_env (resources.WORKER_ENV)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune banner: the sweep prints its own lines
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False, runtime_env=resources.runtime_env())
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", log_to_driver=False, configure_logging=False,
+                 runtime_env=resources.runtime_env())
+    quiet_ray_data_console()
+    total = ray.cluster_resources()
+    print(f"ray: {'joined ' + address if address else 'embedded local Ray'}; "
+          f"{total.get('CPU', 0):.0f} CPUs, {total.get('GPU', 0):.0f} GPUs, "
+          f"{len(ray.nodes())} node(s)", flush=True)
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data logs every dataset execution at INFO on the console; those lines stay in the
+    session's ray-data.log, and the console shows its warnings only, so the stage lines read."""
+    import logging
+
+    import ray.data  # noqa: F401  configures the "ray.data" logger
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
