@@ -52,13 +52,15 @@ def ray_session(fault_marker):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, log_to_driver=False,
+        # no dashboard: no test asks it anything, and idle it costs a few % of a core
+        ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False,
                  configure_logging=False, runtime_env=resources.runtime_env())
     yield ray
     ray.shutdown()
 
 
 ROOT = Path(__file__).resolve().parents[1]
+STALE_SERIES = "109_t1"  # a bad series (tests/bad_inputs.py) the shared job finds outputs of
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +84,15 @@ def shared_job(bad_cohorts, ray_session, fault_marker) -> SharedJob:
     """The first run is a separate process joined to the session's Ray (it is interrupted as a
     user would interrupt it); the resumed run is `run_pipeline.main` in this process."""
     from jobs import run_pipeline
+    from pipeline.segmentation import stream
 
     out = bad_cohorts["base"] / "job"
+    # an earlier run's outputs for a series that is now refused (its disc file is not even
+    # Parquet): the job must delete them, not serve them
+    for stale in (stream.disc_table_path(str(out), STALE_SERIES),
+                  stream.prediction_path(str(out), STALE_SERIES)):
+        Path(stale).parent.mkdir(parents=True, exist_ok=True)
+        Path(stale).write_text("an earlier run's output")
     args = ["--data", str(bad_cohorts["corrupt"]), "--out", str(out),
             *set_args(job_settings())]
     command = [sys.executable, "jobs/run_pipeline.py", *args,

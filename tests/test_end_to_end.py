@@ -1,8 +1,9 @@
 """The whole job on a tiny synthetic cohort, submitted as a real Ray Job to a two-node local
 cluster, reading its cohort from and writing everything to S3 (a local S3-protocol server, moto):
 the Jobs API, a working directory and shared storage, as on a cluster. Every table, figure and
-report section lands in the bucket; segmentation training, its rank-0 worker killed once after
-epoch 2, resumes from its S3 checkpoint; a re-run skips every stage."""
+report section lands in the bucket; the two cross-fitting folds train at once, one trainer per
+node, and fold 0's worker, killed once after epoch 2, resumes from its S3 checkpoint; a re-run
+skips every stage."""
 
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 TINY = [
     "synthetic.patients=6",
     "synthetic.sequences=t1",
-    # ~40 optimizer steps over two workers (one per node): the segmenter learns little (val
-    # Dice ~0.02-0.1), so the test checks that every predicted component is accounted for, not
-    # that whole discs were found
+    # ~40 optimizer steps per fold, one worker each, so on the two-node cluster the two folds
+    # train at once: the segmenter learns little (val Dice ~0.02-0.1), so the test checks that
+    # every predicted component is accounted for, not that whole discs were found
+    "segmentation.num_workers=1",
     "segmentation.epochs=4",
     "segmentation.patience=4",
     "segmentation.batch_size=1",
@@ -130,14 +132,14 @@ def s3(tmp_path_factory):
 
 
 FAULT_MARKER = f"s3://{BUCKET}/faults/marker"  # in the bucket: the nodes share no disk
-FAULT_POINT = "segtrain rank 0 epoch 2"  # killed before epoch 2's checkpoint is reported
+FAULT_POINT = "segtrain fold 0 rank 0 epoch 2"  # killed before epoch 2's checkpoint is reported
 
 
 @pytest.fixture(scope="module")
 def finished_run(s3, two_node_cluster):
-    """The tiny job through `ray job submit`'s API, S3 in and out, with segmentation training's
-    rank-0 worker killed once after training epoch 2 (pipeline.faults): (out, its arguments,
-    final status, logs)."""
+    """The tiny job through `ray job submit`'s API, S3 in and out, with fold 0's training worker
+    killed once after training epoch 2 (pipeline.faults): (out, its arguments, final status,
+    logs)."""
     out = f"s3://{BUCKET}/run"
     args = ["--data", f"s3://{BUCKET}/data", "--out", out] + [
         a for item in TINY for a in ("--set", item)]
@@ -225,7 +227,9 @@ def test_segmentation_training_resumed_from_its_s3_checkpoint(finished_run):
     out, _, status, logs = finished_run
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert not storage.exists(FAULT_MARKER), "the fault never fired"
-    segtrain = _manifest(out)["stages"]["segtrain"]["results"]["folds"][0]  # trained first
+    assert "segmentation fold 0 of 2: trains on 2 patients, selects on 1, segments 3 (2 folds " \
+        "at once)" in logs, logs[-3000:]
+    segtrain = _manifest(out)["stages"]["segtrain"]["results"]["folds"][0]
     run = segtrain["checkpoint"].rsplit("/", 1)[0]
     resumed = re.findall(r"segmentation: resuming after epoch (\d+) from (\S+)", logs)
     assert len(resumed) == 1, logs[-3000:]

@@ -89,13 +89,13 @@ def test_a_fault_point_fires_once_and_only_after_its_condition_holds(fault_marke
     fired, polls = [], []
     previous = signal.signal(signal.SIGUSR1, lambda *_: fired.append(len(polls)))
     try:
-        faults.point("segtrain rank 0 epoch 2", signal.SIGUSR1, ready=lambda: True)
+        faults.point("segtrain fold 0 rank 0 epoch 2", signal.SIGUSR1, ready=lambda: True)
         assert not fired, "a point the marker does not name must not fire"
-        fault_marker.write_text("segtrain rank 0 epoch 2")
+        fault_marker.write_text("segtrain fold 0 rank 0 epoch 2")
         ready = lambda: polls.append(1) or len(polls) >= 3  # noqa: E731
-        faults.point("segtrain rank 0 epoch 2", signal.SIGUSR1, ready=ready)
+        faults.point("segtrain fold 0 rank 0 epoch 2", signal.SIGUSR1, ready=ready)
         assert fired == [3] and not fault_marker.exists()
-        faults.point("segtrain rank 0 epoch 2", signal.SIGUSR1, ready=ready)  # a restart
+        faults.point("segtrain fold 0 rank 0 epoch 2", signal.SIGUSR1, ready=ready)  # a restart
         assert fired == [3]
     finally:
         signal.signal(signal.SIGUSR1, previous)

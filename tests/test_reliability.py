@@ -81,7 +81,9 @@ def test_bad_volumes_have_no_metrics_or_predictions(corrupt_run):
     bad = metrics[metrics["series_id"].isin(bad_inputs.BAD_SERIES)]
     assert len(bad) and (bad["error"] != "").all() and bad["dice"].isna().all()
     predicted = {p.stem.removesuffix(".mha") for p in (out / "predictions").glob("*.mha")}
-    assert predicted == set(GOOD_SERIES)
+    assert predicted == set(GOOD_SERIES)  # the planted stale prediction is gone too
+    discs = {p.stem for p in Path(tables.path(str(out), tables.DISCS)).glob("*.parquet")}
+    assert discs == set(GOOD_SERIES), discs  # and the stale disc file (tests/conftest.py)
 
 
 def test_planted_headers_leak_nothing_into_the_outputs(corrupt_run):

@@ -25,7 +25,7 @@ def retrained(shared_job, bad_cohorts, tmp_path_factory, ray_session, fault_mark
     lr and two epochs, the rank-0 worker killed once after training epoch 2 (pipeline.faults)."""
     out = tmp_path_factory.mktemp("stale") / "out"
     shutil.copytree(shared_job.out, out)
-    fault_marker.write_text("segtrain rank 0 epoch 2")
+    fault_marker.write_text("segtrain fold 0 rank 0 epoch 2")
     try:
         run_pipeline.main(["--data", str(bad_cohorts["corrupt"]), "--out", str(out),
                            "--stages", "catalog,segtrain",

@@ -226,11 +226,12 @@ def train_loop_per_worker(config: dict) -> dict:
     checkpoint a restart resumes from)."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    fold = config.get("identity", {}).get("fold")
 
     def report(state: dict, metrics: dict, folder: str | None) -> None:
         # dies with this epoch's checkpoint unreported, once the last one is committed: the
-        # restart resumes from it
-        faults.point(f"segtrain rank {rank} epoch {state['epoch']}", ready=lambda: (
+        # restart resumes from it (a point per fold: folds may train at once)
+        faults.point(f"segtrain fold {fold} rank {rank} epoch {state['epoch']}", ready=lambda: (
             _committed_epoch(config["storage_path"]) >= state["epoch"] - 1))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None)
 
@@ -389,9 +390,10 @@ def train_folds(series: pd.DataFrame, cfg: Config, storage_path: str, name: str,
 
 def fold_concurrency(cfg: Config, n_folds: int) -> int:
     """How many fold trainers run at once: as many as the cluster's total resources hold, each
-    with its training workers (pipeline.resources.training) and a CPU for its Ray Data
-    preprocessing. With the default workers (one per node or per GPU) one trainer fills the
-    cluster, so folds run one after another; on a 2-CPU laptop always."""
+    with its training workers (pipeline.resources.training). A fold's Ray Data preprocessing
+    finishes before its trainer asks for its workers, so it runs on the CPUs those workers will
+    take and needs none of its own. With the default workers (one per node or per GPU) one
+    trainer fills the cluster, so folds run one after another; on a 2-CPU laptop always."""
     if n_folds <= 1:
         return n_folds
     layout = resources.training(cfg.resources, cfg.segmentation.num_workers)
@@ -399,7 +401,7 @@ def fold_concurrency(cfg: Config, n_folds: int) -> int:
     if layout.gpu:
         fits = int(total.get("GPU", 0)) // layout.count
     else:
-        fits = int(total.get("CPU", 0) // (layout.count * layout.cpus + 1))
+        fits = int(total.get("CPU", 0) // (layout.count * layout.cpus))
     return max(1, min(n_folds, fits))
 
 
