@@ -4,7 +4,6 @@ with `jobs/run_pipeline.py --config`) and as --set options (best_set.txt), and f
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from tune.trials import FINISHED, TARGETS
 
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped early (ASHA)", "failed", "unfinished"
 TABLE, BEST_YAML, BEST_SET = "trials.parquet", "best.yaml", "best_set.txt"
+DPI = 110
 
 
 @dataclass
@@ -102,7 +102,7 @@ def write(table: pd.DataFrame, grid, spec, folder: str) -> SweepOutcome:
                         (header + yaml.safe_dump(config, sort_keys=False)).encode())
     line = set_line(spec.preset, config)
     storage.write_bytes(storage.join(folder, BEST_SET), (line + "\n").encode())
-    _figures(table, grid, spec, storage.join(folder, "figures"))
+    _figures(table, grid, spec, folder)
     return SweepOutcome(table, {k: config[k] for k in spec.space}, line, folder)
 
 
@@ -111,23 +111,15 @@ def printable(table: pd.DataFrame, spec) -> str:
     return table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def _save(figure, location: str) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    storage.write_bytes(location, buffer.getvalue())
-
-
 def _figures(table: pd.DataFrame, grid, spec, folder: str) -> None:
     """metric_vs_<field>.png per swept field (by status) and trial_curves.png (metric per
-    epoch of every trial)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    epoch of every trial), in `folder`/figures/."""
+    from matplotlib.figure import Figure
 
     colors = {COMPLETED: "tab:blue", STOPPED: "tab:orange", FAILED: "tab:red"}
     for key, param in spec.space.items():
-        figure, axes = plt.subplots(figsize=(4.5, 3.2))
+        figure = Figure(figsize=(4.5, 3.2))
+        axes = figure.subplots()
         shown = table[table[spec.metric].notna()]
         x = shown[key] if param.numeric else shown[key].astype(str)
         for status, color in colors.items():
@@ -138,10 +130,10 @@ def _figures(table: pd.DataFrame, grid, spec, folder: str) -> None:
             axes.set_xscale("log")
         axes.set(xlabel=key, ylabel=spec.metric, title=f"{spec.metric} by {key}")
         axes.legend(fontsize=7)
-        _save(figure, storage.join(folder, f"metric_vs_{key}.png"))
-        plt.close(figure)
+        storage.write_png(figure, storage.join(folder, "figures", f"metric_vs_{key}.png"), DPI)
     time_attr = TARGETS[spec.target].time_attr
-    figure, axes = plt.subplots(figsize=(5, 3.4))
+    figure = Figure(figsize=(5, 3.4))
+    axes = figure.subplots()
     for trial, result in zip(grid._experiment_analysis.trials, grid, strict=True):
         history = result.metrics_dataframe
         if history is None or spec.metric not in history or time_attr not in history:
@@ -150,5 +142,4 @@ def _figures(table: pd.DataFrame, grid, spec, folder: str) -> None:
         axes.plot(curve[time_attr], curve[spec.metric], marker="o", label=trial.trial_id)
     axes.set(xlabel=time_attr, ylabel=spec.metric, title="trials")
     axes.legend(fontsize=6)
-    _save(figure, storage.join(folder, "trial_curves.png"))
-    plt.close(figure)
+    storage.write_png(figure, storage.join(folder, "figures", "trial_curves.png"), DPI)

@@ -39,16 +39,16 @@ def logger(tracking_uri: str | None, folder: str, experiment: str, storage_path:
         tracking_uri = "sqlite:///" + storage.join(folder, "mlflow.db")
     require_mlflow()
     progress(f"tracking trials in MLflow at {tracking_uri}, experiment {experiment}")
-    runs = TrialRuns(tracking_uri=tracking_uri, experiment_name=experiment)
-    runs.storage_path = storage_path
-    return runs
+    return TrialRuns(storage_path, tracking_uri=tracking_uri, experiment_name=experiment)
 
 
 class TrialRuns(MLflowLoggerCallback):
     """Ray's MLflow logger, plus the trial's final checkpoint location (a path or URI that
     round-trips) as the run's tag."""
 
-    storage_path = ""  # the sweep's, to give a checkpoint on S3 back its scheme
+    def __init__(self, storage_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self.storage_path = storage_path  # the sweep's, to give a checkpoint on S3 its scheme
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         import mlflow

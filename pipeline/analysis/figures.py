@@ -15,7 +15,6 @@ superior up; axial views put the patient's right to the right and anterior up.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import numpy as np
@@ -349,8 +348,6 @@ def _latent_columns(latents: pd.DataFrame) -> list[str]:
 
 
 def _save(fig: Figure, out: str, name: str) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
     location = storage.join(out, "figures", name)
-    storage.write_bytes(location, buffer.getvalue())
+    storage.write_png(fig, location, DPI)
     return location

@@ -59,6 +59,15 @@ def fingerprint(location: str) -> str:
                        if f.type == pafs.FileType.File))
 
 
+def write_png(figure, location: str, dpi: int) -> None:
+    """A matplotlib figure as PNG at a path or URI (rendered in memory, written once)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    write_bytes(location, buffer.getvalue())
+
+
 def makedirs(location: str) -> None:
     fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)
