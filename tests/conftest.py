@@ -21,6 +21,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray Train's controller polls its workers every 2 s: a tiny run would wait that long to learn
+# that a checkpoint was reported or that training ended (every Ray started here inherits this)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # as every Ray worker of a job has it (pipeline.resources.WORKER_ENV), for the torch that tests
 # run in this process; read when torch loads, so set before any test imports it
 os.environ.setdefault("OMP_WAIT_POLICY", resources.WORKER_ENV["OMP_WAIT_POLICY"])
@@ -82,7 +85,8 @@ def bad_cohorts(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def shared_job(bad_cohorts, ray_session, fault_marker) -> SharedJob:
     """The first run is a separate process joined to the session's Ray (it is interrupted as a
-    user would interrupt it); the resumed run is `run_pipeline.main` in this process."""
+    user would interrupt it); the resumed run is `run_pipeline.main` in this process, and one of
+    its Segmenter actors dies holding its second series' prediction."""
     from jobs import run_pipeline
     from pipeline.segmentation import stream
 
@@ -111,12 +115,17 @@ def shared_job(bad_cohorts, ray_session, fault_marker) -> SharedJob:
     manifest = json.loads((out / "manifest.json").read_text())
 
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = run_pipeline.main(args)
+    fault_marker.write_text("segmenter call 2")
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = run_pipeline.main(args)
+        segmenter_killed = not fault_marker.exists()
+    finally:
+        fault_marker.unlink(missing_ok=True)
     checkpoint = json.loads((out / "manifest.json").read_text())["stages"]["segtrain"][
         "results"]["folds"][0]["checkpoint"]
     return SharedJob(out, args, job.returncode, interrupted, fired, manifest, code,
-                     printed.getvalue(), checkpoint)
+                     printed.getvalue(), checkpoint, segmenter_killed)
 
 
 @pytest.fixture(scope="session")

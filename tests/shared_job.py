@@ -24,7 +24,8 @@ def set_args(settings: list[str]) -> list[str]:
 @dataclass(frozen=True)
 class SharedJob:
     """The whole job over the corrupted cohort, Ctrl-C'd (a fault point) once extraction has
-    written its first series, then run again with the same command until it finished."""
+    written its first series, then run again with the same command until it finished, losing a
+    Segmenter actor on the way (another fault point)."""
 
     out: Path
     args: list[str]  # the job's command line after `jobs/run_pipeline.py`
@@ -35,3 +36,4 @@ class SharedJob:
     code: int  # of the resumed run
     output: str  # what the resumed run printed
     checkpoint: str  # its segmenter, as the manifest recorded it
+    segmenter_killed: bool  # a Segmenter actor of the resumed run died on its second series

@@ -1,5 +1,6 @@
 """Failures from outside: a write killed half-way, a job interrupted half-way, a Segmenter actor
-killed mid-run (a killed training worker: tests/test_stale.py). Each must leave outputs whole and
+killed mid-run in the resumed job (a killed training worker: tests/test_stale.py and the S3 job of
+tests/test_end_to_end.py). Each must leave outputs whole and
 a re-run (or Ray's own retry) must finish with the same rows, none lost or duplicated.
 
 The job, the training worker and the Segmenter signal themselves at a point the test names in the
@@ -20,10 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import config, faults
+from pipeline import faults
 from pipeline.data import cohort, storage, tables
-from pipeline.segmentation import stream
-from tests.shared_job import job_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + ["match_dice", "disc_status"]
@@ -124,20 +123,18 @@ def test_an_interrupted_job_resumes_to_the_same_tables(shared_job, bad_cohorts,
 
 
 def test_a_killed_segmenter_actor_loses_and_duplicates_no_rows(shared_job, bad_cohorts,
-                                                               clean_extraction, tmp_path,
-                                                               fault_marker):
-    """Ray Data restarts the actor and resubmits its series; per-series files make the retry
-    overwrite rather than append."""
-    series = cohort.catalog(str(bad_cohorts["clean"]), sequence="t1", val_fraction=0.2,
-                            seed=0).series
-    out = tmp_path / "killed"
-    fault_marker.write_text("segmenter call 2")  # dies holding the second series' prediction
-    result = stream.run_extraction(series, config.load("demo", job_settings()),
-                                   shared_job.checkpoint, str(out), progress=None)
-    assert not fault_marker.exists(), "no Segmenter actor was killed"
-    assert not result.errors
-    assert sorted(result.metrics["series_id"]) == sorted(series["series_id"])
-    killed_rows = _discs(out)
+                                                               clean_extraction):
+    """The shared job's resumed run lost a Segmenter actor holding its second series'
+    prediction: Ray Data restarts the actor and resubmits the series; per-series files make the
+    retry overwrite rather than append."""
+    assert shared_job.segmenter_killed, "no Segmenter actor was killed"
+    assert shared_job.code == 3, shared_job.output[-3000:]  # finished, bad inputs quarantined
+    metrics = pd.read_parquet(tables.path(str(shared_job.out), tables.SEGMENTATION_METRICS))
+    good = cohort.catalog(str(bad_cohorts["clean"]), sequence="t1", val_fraction=0.2,
+                          seed=0).series
+    assert set(good["series_id"]) <= set(metrics["series_id"])
+    assert not metrics["series_id"].duplicated().any()  # the retried series scored once
+    killed_rows = _discs(shared_job.out)
     # Keys repeat legitimately only for predicted components that are split or unmatched
     # (ivd_label -1); a retried series must not add any other repeat.
     ok = killed_rows[killed_rows.disc_status == "ok"]

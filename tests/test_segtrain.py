@@ -31,7 +31,7 @@ def _quick_config() -> config.Config:
     cfg = config.demo()
     cfg.segmentation = dataclasses.replace(
         cfg.segmentation, target_spacing_mm=(3.3, 2.0, 2.0), roi_size=(32, 64, 64),
-        epochs=8, patience=8, crops_per_volume=10, batch_size=2, lr=1e-2)
+        epochs=6, patience=6, crops_per_volume=10, batch_size=2, lr=1e-2)
     return cfg
 
 

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import SegmentationConfig
 from pipeline.data import checkpoints
+from pipeline.segmentation import lean_monai
 
 MODELS = ("unet", "swinunetr")
 
@@ -34,8 +35,9 @@ def build_segmenter(cfg: SegmentationConfig) -> torch.nn.Module:
     """A fresh segmenter. Args: cfg.model, cfg.feature_size (SwinUNETR), cfg.unet_channels (UNet),
     cfg.roi_size (checked against the network's divisor). Input (B, 1, X, Y, Z) float, output
     (B, 1, X, Y, Z) logits."""
-    # Imported here: MONAI's __init__ imports all of MONAI (4-8 s of CPU per process), which the
-    # CPU-only Ray workers that read, preprocess and measure volumes never need.
+    # Imported here: MONAI's __init__ imports all of MONAI (4 s of CPU per process, lean_monai),
+    # which the CPU-only Ray workers that read, preprocess and measure volumes never need.
+    lean_monai.load()
     from monai.networks.nets import SwinUNETR, UNet
 
     divisor = input_divisor(cfg)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.data import labels, validate, volumes
+from pipeline.segmentation import lean_monai
 
 PAD_MULTIPLE = 32
 PERCENTILES = (0.5, 99.5)  # robust to the bright fat and dark air that dominate an MR volume
@@ -215,7 +216,8 @@ def training_transform(roi_size: tuple[int, int, int], crops: int, seed: int | N
     dicts of channel-first arrays {"image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}.
     """
     # Imported here: only training workers crop, and MONAI's __init__ imports all of MONAI
-    # (4-8 s of CPU per process) into every Ray worker that preprocesses a volume otherwise.
+    # (4 s of CPU per process, lean_monai) into every Ray worker that preprocesses a volume.
+    lean_monai.load()
     from monai.transforms import (
         Compose,
         RandCropByPosNegLabeld,

@@ -45,8 +45,8 @@ from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage, tables, validate, volumes
 from pipeline.discs import geometry, isolate
 from pipeline.segmentation import folds as crossfit
+from pipeline.segmentation import lean_monai, preprocess
 from pipeline.segmentation import models as segmodels
-from pipeline.segmentation import preprocess
 from pipeline.segmentation.metrics import dice_iou
 
 if TYPE_CHECKING:
@@ -154,6 +154,7 @@ class Segmenter:
         """Disc probability (float32) on the padded model grid of one preprocessed volume."""
         # MONAI only where it infers: the reading, preprocessing and extraction workers that
         # import this module would otherwise each import all of MONAI (segmodels says why)
+        lean_monai.load()
         from monai.inferers import sliding_window_inference
 
         with torch.inference_mode():

@@ -33,9 +33,6 @@ import pandas as pd
 import ray
 import ray.train
 import torch
-from monai.data import set_track_meta
-from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -52,8 +49,8 @@ from pipeline.config import Config, SegmentationConfig
 from pipeline.data import checkpoints, storage
 from pipeline.progress import WorkerProgress, send
 from pipeline.segmentation import folds as crossfit
+from pipeline.segmentation import lean_monai, preprocess
 from pipeline.segmentation import models as segmodels
-from pipeline.segmentation import preprocess
 from pipeline.segmentation.metrics import dice_iou
 
 SCORE = "val_iou"  # early stopping and checkpoint selection, as in the paper
@@ -106,6 +103,9 @@ def _validate(model, val_part, seg: SegmentationConfig, device, world_size: int
               ) -> dict[str, float]:
     """Mean Dice and IoU over whole validation volumes (model grid): each worker scores its own
     part of the validation set (`val_parts`), and the sums are all-reduced."""
+    lean_monai.load()
+    from monai.inferers import sliding_window_inference
+
     network = getattr(model, "module", model)  # DDP's forward would wait for the other ranks
     network.eval()
     totals = torch.zeros(3, dtype=torch.float64)
@@ -162,6 +162,10 @@ def train_epochs(config: dict, loop: Loop) -> dict:
     threads for this process's CPU share), progress (a WorkerProgress sink or None), identity
     (recorded in each checkpoint's meta). Each epoch writes a checkpoint on rank 0 (model.pt,
     optimizer.pt, meta.json with the whole training state) and hands it to loop.report."""
+    lean_monai.load()
+    from monai.data import set_track_meta
+    from monai.losses import DiceCELoss
+
     seg = segmodels.config_from_meta(config)
     torch.set_num_threads(config["threads"])
     set_track_meta(False)  # plain tensors out of MONAI transforms
