@@ -29,6 +29,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture()
+def driver_never_reads_cubes(monkeypatch):
+    """Training cubes are read by the processes that train on them, each its own part: in the
+    test's process (the driver), reading a cube column fails the test."""
+    def refuse(*_, **__):
+        raise AssertionError("the driver read training cubes")
+
+    monkeypatch.setattr(tables, "stack_cubes", refuse)
+
+
 LEVELS = {201: "L5/S1", 202: "L4/L5", 203: "L3/L4", 204: "L2/L3", 205: "L1/L2"}
 
 

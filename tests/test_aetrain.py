@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from pipeline import config, stats
+from pipeline.data import tables
 from pipeline.shape.model import DiscAutoencoder, disc_iou, load_model
+from pipeline.shape.packed import PackedCubes
 from pipeline.shape.train import (
+    count_training_discs,
     evaluate_ious,
     fit_epochs,
     load_training_cubes,
@@ -20,7 +23,12 @@ from pipeline.shape.train import (
     train_autoencoder,
     training_dataset,
 )
-from tests.disc_cubes import disc_cube, one_torch_thread, write_discs  # noqa: F401
+from tests.disc_cubes import (  # noqa: F401
+    disc_cube,
+    driver_never_reads_cubes,
+    one_torch_thread,
+    write_discs,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,15 +84,36 @@ def test_fit_epochs_stops_at_convergence_on_a_stop_rule_and_resumes():
 
 def test_training_cubes_are_reference_masks_of_training_patients(tmp_path):
     discs = write_discs(tmp_path / "discs.parquet", n_series=4, size=16, discs_per_series=3)
-    cubes = load_training_cubes(discs, _tiny_cfg())
+    cubes, patients = load_training_cubes(discs, _tiny_cfg(), with_patients=True)
     # series 1-3 are "train", series 4 "val"; predicted copies are excluded
-    assert cubes.shape == (9, 16, 16, 16) and cubes.dtype == np.uint8
+    assert len(cubes) == count_training_discs(discs, _tiny_cfg()) == 9 and cubes.side == 16
+    assert cubes.nbytes == 9 * 16**3 // 8  # held packed, eight voxels to a byte
+    table = pq.read_table(discs, filters=[("mask_source", "=", "reference"),
+                                          ("split", "=", "train")])
+    assert list(patients) == table.column("patient_id").to_pylist()
+    expected = tables.stack_cubes(table.column(tables.CUBE).combine_chunks())
+    assert np.array_equal(cubes.take(np.arange(9)).numpy(), expected)
     cfg = _tiny_cfg()
     cfg.autoencoder.train_splits = ("test",)
-    with pytest.raises(ValueError, match="no reference cubes"):
-        load_training_cubes(discs, cfg)
-    with pytest.raises(ValueError, match="does not exist"):
-        load_training_cubes(str(tmp_path / "missing"), cfg)
+    for read in (load_training_cubes, count_training_discs):
+        with pytest.raises(ValueError, match="no reference cubes"):
+            read(discs, cfg)
+        with pytest.raises(ValueError, match="does not exist"):
+            read(str(tmp_path / "missing"), cfg)
+
+
+@pytest.mark.parametrize("side", [3, 16])
+def test_packed_cubes_give_back_the_cubes_they_hold(side):
+    rng = np.random.default_rng(side)
+    cubes = (rng.random((5, side, side, side)) < 0.3).astype(np.uint8)
+    held = PackedCubes.pack(cubes * 7)  # any nonzero voxel is inside
+    assert len(held) == 5 and held.nbytes == 5 * -(-side**3 // 8)
+    assert held.take([4, 0, 4]).dtype == torch.uint8
+    assert np.array_equal(held.take([4, 0, 4]).numpy(), cubes[[4, 0, 4]])
+    both = PackedCubes.concat([held, PackedCubes.pack(cubes[:2])], side)
+    assert np.array_equal(both.take(np.arange(7)).numpy(), np.concatenate([cubes, cubes[:2]]))
+    with pytest.raises(ValueError, match="side"):
+        PackedCubes(held.rows, side + 1)
 
 
 def test_discs_larger_than_the_cube_never_train_the_autoencoder(tmp_path, ray_session):
@@ -97,11 +126,12 @@ def test_discs_larger_than_the_cube_never_train_the_autoencoder(tmp_path, ray_se
                              pa.array(~clipped))
     pq.write_table(table, path)
     cfg = _tiny_cfg()
-    assert load_training_cubes(discs, cfg).shape[0] == 9 - 1
+    assert len(load_training_cubes(discs, cfg)) == count_training_discs(discs, cfg) == 9 - 1
     assert training_dataset(discs, cfg).count() == 9 - 1
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("driver_never_reads_cubes")
 def test_ray_train_lowers_the_loss_and_resumes_on_two_workers(tmp_path, ray_session):
     discs = write_discs(tmp_path / "discs.parquet", n_series=3, size=16, discs_per_series=3)
     storage_path, name = str(tmp_path / "ray"), f"ae-{tmp_path.name}"
@@ -114,6 +144,7 @@ def test_ray_train_lowers_the_loss_and_resumes_on_two_workers(tmp_path, ray_sess
     assert model.bottleneck == 3 and meta["epochs"] == 4
     assert first.iou_ci_low <= first.mean_iou <= first.iou_ci_high
     assert first.threads_per_worker == 1  # reported by the worker: its 1-CPU share
+    assert first.discs_per_worker == [9]
 
     # The same name resumes from the last checkpoint, here on two data-parallel workers that
     # still judge the IoU over all 9 discs (5 on one worker, 4 on the other).
@@ -124,6 +155,7 @@ def test_ray_train_lowers_the_loss_and_resumes_on_two_workers(tmp_path, ray_sess
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     assert resumed.history[:4] == first.history
     assert all(h["n_discs"] == 9 for h in resumed.history)
+    assert resumed.discs_per_worker == [4, 5]  # each read and held only its own part
     assert resumed.checkpoint_path != first.checkpoint_path
     assert load_model(resumed.checkpoint_path)[1]["epochs"] == 6
 

@@ -14,7 +14,7 @@ from jobs.run_pipeline import load_config, parse_args
 from pipeline import config
 from pipeline.data import storage
 from pipeline.data.synthetic import synthesize
-from tests.disc_cubes import write_discs
+from tests.disc_cubes import driver_never_reads_cubes, write_discs  # noqa: F401
 from tune import space, sweep_outputs
 from tune.sweep import SweepSpec, experiment_name, run_sweep
 
@@ -129,6 +129,7 @@ AUTOENCODER = ["autoencoder.channels=4,8", "autoencoder.checkpoint_every=2",
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("driver_never_reads_cubes")
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
         tmp_path, ray_session, fault_marker):
     """The sweep's CLI on the session's cluster interrupts itself (SIGINT, pipeline.faults) as

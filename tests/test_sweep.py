@@ -17,7 +17,7 @@ from pipeline import config
 from pipeline.data import storage, tables
 from pipeline.resources import plan_trials
 from pipeline.shape.model import load_model
-from tests.disc_cubes import write_discs
+from tests.disc_cubes import driver_never_reads_cubes, write_discs  # noqa: F401
 from tune.bottleneck_sweep import (
     COLUMNS,
     choose_bottleneck,
@@ -104,6 +104,7 @@ def _check_table(out: str, result) -> pd.DataFrame:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("driver_never_reads_cubes")
 def test_plain_sweep_finishes_writes_the_table_and_resumes(tmp_path, ray_session):
     discs = write_discs(tmp_path / "discs.parquet", n_series=2, size=16, discs_per_series=3)
     cfg = _tiny_sweep_cfg(nested=False, max_epochs=3)

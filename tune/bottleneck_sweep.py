@@ -4,8 +4,8 @@ As in the paper, the chosen size is the smallest bottleneck whose whole-epoch me
 the target. If none did, the best mean IoU is chosen and the table's `note` says so loudly.
 
 Each trial is either the plain `fit_epochs` loop inside the Tune function trainable
-(cfg.sweep.nested_train=False: laptops; about 5x faster on 2 cores, the cubes are read once on
-the driver) or a TorchTrainer per trial (nested_train=True: clusters, multi-worker/GPU trials).
+(cfg.sweep.nested_train=False: laptops; about 5x faster on 2 cores, each trial reads the cubes
+from the discs table itself) or a TorchTrainer per trial (nested_train=True: clusters, multi-worker/GPU trials).
 Trials stop early on an IoU plateau (cfg.sweep.early_stop) from inside the training loop, so a
 nested trial's Train run ends cleanly and never leaks its placement group (RAY_NOTES: ASHA).
 An interrupted sweep resumes: the same config and storage_path give the same experiment name,
@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 from ray import tune
 
@@ -34,7 +33,7 @@ from pipeline.config import Config
 from pipeline.data import checkpoints, storage, tables
 from pipeline.shape.train import (
     TrainSpec,
-    load_training_cubes,
+    count_training_discs,
     train_autoencoder,
 )
 from tune.trials import report_cubes
@@ -86,10 +85,9 @@ def trial_spec(cfg: Config, bottleneck: int) -> TrainSpec:
     return TrainSpec.from_config(cfg, bottleneck, cfg.sweep.max_epochs, plateau)
 
 
-def _plain_trial(params: dict, cubes: np.ndarray, cfg: Config, threads: int,
-                 patients: np.ndarray | None = None) -> None:
+def _plain_trial(params: dict, discs_path: str, cfg: Config, threads: int) -> None:
     bottleneck = int(params["bottleneck"])
-    report_cubes(cubes, trial_spec(cfg, bottleneck), threads, patients,
+    report_cubes(discs_path, cfg, trial_spec(cfg, bottleneck), threads,
                  extra=lambda _: {"bottleneck": bottleneck})
 
 
@@ -143,9 +141,9 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
             _nested_trial, discs_path=discs_path, cfg=cfg, storage_path=storage_path,
             experiment=name, cpus_per_worker=plan.cpus_per_worker)
     else:
-        cubes, patients = load_training_cubes(discs_path, cfg, with_patients=True)
-        trainable = tune.with_parameters(_plain_trial, cubes=cubes, cfg=cfg,
-                                         threads=plan.threads, patients=patients)
+        count_training_discs(discs_path, cfg)  # none: refused here, not in every trial
+        trainable = tune.with_parameters(_plain_trial, discs_path=discs_path, cfg=cfg,
+                                         threads=plan.threads)
     trainable = tune.with_resources(trainable, plan.trial_resources)
     experiment_path = storage.join(storage_path, name)
     mode = "a TorchTrainer per trial" if nested else "a plain loop per trial"

@@ -141,11 +141,11 @@ def _trainable(data: str, cfg: Config, spec: SweepSpec, progress: Callable[[str]
         trainable = tune.with_parameters(segmentation_trial, volumes=volumes, cfg=cfg,
                                          threads=plan.threads)
     else:
-        from pipeline.shape.train import load_training_cubes
+        from pipeline.shape.train import count_training_discs
 
-        cubes, patients = load_training_cubes(data, cfg, with_patients=True)
-        trainable = tune.with_parameters(autoencoder_trial, cubes=cubes, patients=patients,
-                                         cfg=cfg, threads=plan.threads)
+        count_training_discs(data, cfg)  # none: refused here, not in every trial
+        trainable = tune.with_parameters(autoencoder_trial, discs_path=data, cfg=cfg,
+                                         threads=plan.threads)
     progress(f"{spec.target} sweep: {spec.trial_count()} trials ({spec.search} search, ASHA), "
              f"{concurrency} at once, {plan.trial_resources} each")
     return tune.with_resources(trainable, plan.trial_resources), concurrency

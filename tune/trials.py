@@ -6,9 +6,9 @@
   `val_iou`), so ASHA can stop a poor trial between epochs. A plain trial, not Tune over Train:
   a trial ASHA stops is Tune's to clean up, and a sweep's parallelism is its trials.
 - autoencoder: the autoencoder's training (pipeline.shape.train.train_cubes) as a plain loop in
-  the trial, on the training cubes read once on the driver (the bottleneck sweep's laptop
-  path), reporting every checkpoint_every epochs: `mean_iou` (whole training set) and
-  `epochs_to_converge`.
+  the trial (the bottleneck sweep's laptop path), on training cubes the trial reads from the
+  discs table itself (the driver never holds them), reporting every checkpoint_every epochs:
+  `mean_iou` (whole training set) and `epochs_to_converge`.
 
 Each trial's config is the sweep's config with the trial's sampled values applied as
 `section.field=value` overrides, the same path a run's `--set` takes.
@@ -21,7 +21,6 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from ray import tune
 
@@ -92,26 +91,27 @@ def epochs_to_converge(metrics: dict, max_epochs: int) -> float:
     return max_epochs * (2.0 - float(metrics["mean_iou"]))
 
 
-def autoencoder_trial(params: dict, cubes: np.ndarray, patients: np.ndarray, cfg: Config,
-                      threads: int) -> None:
+def autoencoder_trial(params: dict, discs_path: str, cfg: Config, threads: int) -> None:
     """Tune function trainable: the autoencoder's training loop in the trial itself,
     checkpointing through Tune; a restored trial continues from its last checkpoint."""
     from pipeline.shape.train import TrainSpec
 
     trial_cfg = trial_config(cfg, params)
     spec = TrainSpec.from_config(trial_cfg, trial_cfg.autoencoder.bottleneck)
-    report_cubes(cubes, spec, threads, patients, extra=lambda m: {
+    report_cubes(discs_path, trial_cfg, spec, threads, extra=lambda m: {
         "epochs_to_converge": epochs_to_converge(m, spec.max_epochs),
         FINISHED: bool(m["converged"]) or m["epochs"] >= spec.max_epochs})
 
 
-def report_cubes(cubes: np.ndarray, spec, threads: int, patients: np.ndarray | None,
+def report_cubes(discs_path: str, cfg: Config, spec, threads: int,
                  extra=lambda metrics: {}) -> None:
-    """train_cubes inside a Tune trial: reports and checkpoints go to Tune (metrics plus
-    `extra(metrics)`), and a restored trial continues from Tune's checkpoint."""
-    from pipeline.shape.train import train_cubes
+    """train_cubes inside a Tune trial, on the training cubes of `discs_path` that the trial
+    reads itself: reports and checkpoints go to Tune (metrics plus `extra(metrics)`), and a
+    restored trial continues from Tune's checkpoint."""
+    from pipeline.shape.train import load_training_cubes, train_cubes
 
     torch.set_num_threads(threads)
+    cubes, patients = load_training_cubes(discs_path, cfg, with_patients=True)
 
     def report(metrics: dict, folder: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(folder) if folder else None

@@ -6,10 +6,11 @@ training discs whose mean IoU decides convergence). The Ray Train loop, the swee
 and the benchmark all call it, so they train the same way.
 
 `train_autoencoder` runs it on Ray Train: reference-mask cubes of training patients are read with
-Ray Data; each worker streams its share once through `get_dataset_shard` and keeps it in memory
-(disc cubes are small, and hundreds of epochs must not restart a data pipeline each); checkpoints
-go through `ray.train.report`, and re-running with the same storage_path and name resumes from
-the last one.
+Ray Data into the object store and cut into one part per worker; each worker streams only its own
+part, once, and keeps it in memory packed eight voxels to a byte (`packed`; hundreds of epochs
+must not restart a data pipeline each), unpacking a batch at a time onto its device. No process
+holds the whole training set, the driver none of it. Checkpoints go through `ray.train.report`,
+and re-running with the same storage_path and name resumes from the last one.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from pipeline.shape.model import (
     plateaued,
     save_checkpoint,
 )
+from pipeline.shape.packed import PackedCubes, packed
 
 EVAL_BATCH = 32
+LOAD_BATCH = 256  # cubes unpacked at once while reading: 64 MiB of 64³ cubes
 LOSSES = ("bce", "bce+dice")
 SCHEDULES = ("constant", "onecycle")
 
@@ -102,7 +105,7 @@ def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -
     return bce + (1 - dice).mean()
 
 
-def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
+def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
                optimizer: torch.optim.Optimizer, *, batch_size: int, max_epochs: int,
                iou_target: float, history: Sequence[EpochStats] = (), seed: int = 0,
                device: torch.device | str = "cpu",
@@ -116,7 +119,8 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
     of measured mean IoUs, or `max_epochs` epochs are done (counting those in `history`, so a
     resumed run continues where it stopped).
 
-    cubes: (N, S, S, S) binary cubes this process trains on.
+    cubes: the binary cubes this process trains on: PackedCubes, or (N, S, S, S) to pack
+        (held packed, unpacked a batch at a time onto `device`).
     loss: "bce" or "bce+dice" (`reconstruction_loss`).
     lr_at(step, total_steps) -> learning rate of each optimizer step over the max_epochs run
         (a function of the step, so a resumed run continues on the same schedule); None keeps
@@ -137,9 +141,8 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
     if batch_size < 1 or max_epochs < 1 or eval_every < 1:
         raise ValueError(f"batch_size, max_epochs and eval_every must be at least 1; got "
                          f"{batch_size}, {max_epochs}, {eval_every}")
-    data = torch.as_tensor(np.asarray(cubes) if not torch.is_tensor(cubes) else cubes)
-    data = (data > 0).to(torch.uint8).to(device)
-    n_local = int(data.shape[0])
+    data = packed(cubes)
+    n_local = len(data)
     n_max = max(gather(n_local))
     if n_local == 0:
         raise ValueError("no training discs for this worker")
@@ -178,7 +181,8 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
                 if lr_at is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(epoch * steps + step, max_epochs * steps)
-                x = as_input(data[order[step * batch_size:(step + 1) * batch_size]])
+                x = as_input(data.take(order[step * batch_size:(step + 1) * batch_size]),
+                             device)
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(x)
                 batch_loss = reconstruction_loss(logits, x, loss)
@@ -193,7 +197,7 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
         with torch.no_grad():
             for name, buffer in net.named_buffers():
                 buffer.copy_(reference[name])
-        ious = np.concatenate(gather(evaluate_ious(net, data)))  # every training disc
+        ious = np.concatenate(gather(evaluate_ious(net, data, device)))  # every training disc
         mean, low, high = iou_summary(ious, patients)
         fit.history.append(EpochStats(
             first + block, float(np.mean(gather(loss_sum / (steps * block)))), mean, low, high,
@@ -205,12 +209,15 @@ def fit_epochs(model: nn.Module, cubes: torch.Tensor | np.ndarray,
 
 
 @torch.inference_mode()
-def evaluate_ious(model: nn.Module, cubes: torch.Tensor) -> np.ndarray:
+def evaluate_ious(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
+                  device: torch.device | str = "cpu") -> np.ndarray:
     """Per-disc IoU of the eval-mode reconstruction (sigmoid > 0.5) against each input cube."""
+    data = packed(cubes)
     was_training = model.training
     model.eval()
-    ious = [disc_iou(model(x), x, logits=True).cpu()
-            for x in (as_input(cubes[i:i + EVAL_BATCH]) for i in range(0, len(cubes), EVAL_BATCH))]
+    batches = (as_input(data.take(np.arange(i, min(i + EVAL_BATCH, len(data)))), device)
+               for i in range(0, len(data), EVAL_BATCH))
+    ious = [disc_iou(model(x), x, logits=True).cpu() for x in batches]
     model.train(was_training)
     return torch.cat(ious).numpy() if ious else np.zeros(0)
 
@@ -268,7 +275,7 @@ def fit_summary(fit: Fit) -> dict:
             "stopped_early": fit.stopped_early}
 
 
-def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
+def train_cubes(cubes: PackedCubes | np.ndarray | torch.Tensor, spec: TrainSpec, *,
                 report: Callable[[dict, str | None], None], restore_dir: str | None = None,
                 device: torch.device | str = "cpu",
                 prepare: Callable[[nn.Module], nn.Module] | None = None,
@@ -278,7 +285,8 @@ def train_cubes(cubes: np.ndarray | torch.Tensor, spec: TrainSpec, *,
     `spec.checkpoint_every` epochs and at the end through `report(metrics, checkpoint_dir)`
     (ray.train.report or ray.tune.report). Only rank 0 writes the checkpoint folder."""
     torch.manual_seed(spec.seed)
-    model = DiscAutoencoder(int(cubes.shape[-1]), spec.channels, spec.bottleneck)
+    cubes = packed(cubes)
+    model = DiscAutoencoder(cubes.side, spec.channels, spec.bottleneck)
     history: list[EpochStats] = []
     optimizer_state = None
     if restore_dir is not None:
@@ -321,24 +329,45 @@ def _training_filter(cfg: Config) -> list[tuple[str, str, object]]:
             ("cube_fits", "=", True)]
 
 
-def load_training_cubes(discs_path: str, cfg: Config, with_patients: bool = False):
-    """(N, S, S, S) uint8 reference-mask cubes of the training splits, in memory (the sweep's
-    laptop path and the benchmark; Ray Train reads them with Ray Data instead); with_patients:
-    (cubes, the patient_id of each)."""
+def _training_scan(discs_path: str, cfg: Config):
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401  registers the tensor type of the cube column
 
     tables.require_discs(discs_path)
     fs, path = storage.filesystem(discs_path)
-    table = pq.read_table(path, filesystem=fs, columns=[tables.CUBE, "patient_id"],
-                          filters=_training_filter(cfg))
-    if table.num_rows == 0:
+    return (pads.dataset(path, filesystem=fs, format="parquet"),
+            pq.filters_to_expression(_training_filter(cfg)))
+
+
+def count_training_discs(discs_path: str, cfg: Config) -> int:
+    """How many discs the autoencoder trains on (from the files' row groups where they can
+    tell); none is an error that names the table."""
+    dataset, keep = _training_scan(discs_path, cfg)
+    n = dataset.count_rows(filter=keep)
+    if n == 0:
         raise ValueError(f"{discs_path} has no reference cubes that hold their whole disc in "
                          f"splits {tuple(cfg.autoencoder.train_splits)}")
-    cubes = tables.stack_cubes(table.column(tables.CUBE).combine_chunks())
-    if with_patients:
-        return cubes, np.asarray(table.column("patient_id").to_pylist(), dtype=object)
-    return cubes
+    return n
+
+
+def load_training_cubes(discs_path: str, cfg: Config, with_patients: bool = False):
+    """PackedCubes of the reference-mask discs of the training splits, read from the table a
+    batch at a time and packed as read (a sweep trial's own copy, the benchmark's; Ray Train
+    workers each read their part with Ray Data instead); with_patients: (cubes, the patient_id
+    of each)."""
+    dataset, keep = _training_scan(discs_path, cfg)
+    parts, patients = [], []
+    for batch in dataset.to_batches(columns=[tables.CUBE, "patient_id"], filter=keep,
+                                    batch_size=LOAD_BATCH):
+        if batch.num_rows:
+            parts.append(PackedCubes.pack(tables.stack_cubes(batch.column(tables.CUBE))))
+            patients.extend(batch.column("patient_id").to_pylist())
+    if not parts:
+        raise ValueError(f"{discs_path} has no reference cubes that hold their whole disc in "
+                         f"splits {tuple(cfg.autoencoder.train_splits)}")
+    cubes = PackedCubes.concat(parts, parts[0].side)
+    return (cubes, np.asarray(patients, dtype=object)) if with_patients else cubes
 
 
 def training_dataset(discs_path: str, cfg: Config):
@@ -368,22 +397,30 @@ class AutoencoderResult:
     stopped_early: bool
     wall_s: float
     threads_per_worker: int  # torch threads each worker trained with, as it reported
+    discs_per_worker: list[int]  # the training discs each worker read and held, by rank
     history: list[dict] = field(default_factory=list)  # one EpochStats dict per epoch
 
 
-def _worker_cubes(shard, rank: int, world: int) -> np.ndarray:
-    """This worker's discs: every `world`-th row of the (order-preserving) dataset, so each
-    training disc lands on exactly one worker and shards differ by at most one disc. (Ray's
-    default equal split would drop up to world-1 discs from the convergence test.)"""
-    cubes, patients, start = [], [], 0
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        block = np.asarray(batch[tables.CUBE])
-        cubes.append(block[(rank - start) % world::world])
-        patients.append(np.asarray(batch["patient_id"], dtype=object)[(rank - start) % world::world])
-        start += len(block)
-    if not cubes or sum(len(c) for c in cubes) == 0:
-        raise ValueError(f"worker {rank} of {world} got no training discs")
-    return np.concatenate(cubes), np.concatenate(patients)
+def training_parts(dataset, workers: int) -> dict:
+    """The training discs cut into one part per worker (`train0`, `train1`, ...), row-exact: each
+    disc lands on exactly one worker, parts differ by at most one disc, and a worker reads only
+    its own. (Ray Train's streaming split would drop up to workers-1 discs from the convergence
+    test to make the shards equal.)"""
+    n = dataset.count()
+    parts = dataset.split_at_indices([n * rank // workers for rank in range(1, workers)]) \
+        if workers > 1 else [dataset]
+    return {f"train{rank}": part for rank, part in enumerate(parts)}
+
+
+def _worker_cubes(part, rank: int) -> tuple[PackedCubes, np.ndarray]:
+    """This worker's part of the training discs, packed as it streams in, and their patients."""
+    cubes, patients = [], []
+    for batch in part.iter_batches(batch_size=LOAD_BATCH, batch_format="numpy"):
+        cubes.append(PackedCubes.pack(np.asarray(batch[tables.CUBE])))
+        patients.append(np.asarray(batch["patient_id"], dtype=object))
+    if not cubes:
+        raise ValueError(f"training worker {rank} got no discs")
+    return PackedCubes.concat(cubes, cubes[0].side), np.concatenate(patients)
 
 
 def _all_gather(value) -> list:
@@ -402,7 +439,9 @@ def _train_loop_per_worker(config: dict) -> dict:
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    cubes, patients = _worker_cubes(ray.train.get_dataset_shard("train"), rank, world)
+    cubes, patients = _worker_cubes(ray.train.get_dataset_shard(f"train{rank}"), rank)
+    gather = _gather_local if world == 1 else _all_gather
+    held = gather(len(cubes))
 
     def report(metrics: dict, folder: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
@@ -418,10 +457,9 @@ def _train_loop_per_worker(config: dict) -> dict:
         fit = train_cubes(cubes, spec, report=report, restore_dir=folder, device=device,
                           prepare=functools.partial(ray.train.torch.prepare_model,
                                                     move_to_device=device),
-                          gather=_gather_local if world == 1 else _all_gather, rank=rank,
-                          groups=patients)
+                          gather=gather, rank=rank, groups=patients)
     return {**fit_summary(fit), "history": [asdict(s) for s in fit.history],
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "discs_per_worker": held}
 
 
 def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_path: str,
@@ -470,7 +508,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
                                  callbacks=callbacks,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=2)),
-            datasets={"train": dataset},
+            datasets=training_parts(dataset, layout.count),
             dataset_config=DataConfig(datasets_to_split=[],
                                       execution_options=ExecutionOptions(preserve_order=True)),
         )
@@ -487,7 +525,8 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
         mean_iou=summary["mean_iou"], iou_ci_low=summary["iou_ci_low"],
         iou_ci_high=summary["iou_ci_high"], epochs=summary["epochs"],
         converged=summary["converged"], stopped_early=summary["stopped_early"], wall_s=wall_s,
-        history=summary["history"], threads_per_worker=summary["threads"])
+        history=summary["history"], threads_per_worker=summary["threads"],
+        discs_per_worker=summary["discs_per_worker"])
     say(f"autoencoder k={bottleneck}: mean IoU {outcome.mean_iou:.4f} "
         f"({outcome.iou_ci_low:.4f}-{outcome.iou_ci_high:.4f}) after {outcome.epochs} epochs, "
         f"{'converged' if outcome.converged else 'not converged'}, {wall_s:.0f} s")
