@@ -21,13 +21,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=8
 
-# Benchmarks print tables and write bench/results/*.json (about 16 minutes on 2 cores; run them
-# on a quiet machine). The two streaming ones reuse the segmenter of a finished `make demo`.
+# Benchmarks print tables and write bench/results/*.json (over an hour on 2 cores, most of it
+# scale.py; run them on a quiet machine). The streaming ones reuse the segmenter of a finished
+# `make demo`.
 bench: $(STAMP)
 	$(PY) bench/geometry_accuracy.py
 	$(PY) bench/flops.py
 	$(PY) bench/stream_vs_loop.py
-	$(PY) bench/cohort_scaling.py
+	$(PY) bench/scale.py
 	$(PY) bench/training.py
 	$(PY) bench/convergence_criterion.py
 

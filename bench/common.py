@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,69 @@ def init_ray(address: str | None = None) -> None:
 
     ray.init(address=address, log_to_driver=False, include_dashboard=False,
              configure_logging=False, runtime_env=resources.runtime_env())
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"/proc/self/status has no {field}")
+
+
+def rss_mib() -> float:
+    """This process's resident memory now."""
+    return _status_mib("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS counter (VmHWM), so the next peak belongs to the next
+    run alone. False where the kernel does not allow it: the peak is then since start."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (since reset_peak_rss, where it worked)."""
+    try:
+        return _status_mib("VmHWM")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class WorkerPeakRss:
+    """The largest resident memory of any one Ray worker process of this machine while the
+    block runs, sampled every `every_s` (Ray names its workers' processes "ray::..."). A worker
+    that maps object-store pages counts them: an upper bound on its own memory."""
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s, self.peak_mib = every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for proc in Path("/proc").iterdir():
+                try:
+                    if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                        rss = next(line for line in (proc / "status").read_text().splitlines()
+                                   if line.startswith("VmRSS:"))
+                        self.peak_mib = max(self.peak_mib, int(rss.split()[1]) / 1024)
+                except (OSError, StopIteration):  # gone meanwhile, or a kernel thread
+                    continue
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> WorkerPeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def demo_checkpoint(manifest: Path = DEMO_MANIFEST) -> str:

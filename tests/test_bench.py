@@ -6,19 +6,20 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from monai.data import set_track_meta
 
-from bench import flops, stream_vs_loop
+from bench import flops, scale, stream_vs_loop
 from bench.convergence_criterion import PaperCriterion
 from pipeline import config
-from pipeline.data import checkpoints
+from pipeline.data import checkpoints, storage, tables
 from pipeline.data.cohort import catalog
 from pipeline.data.synthetic import synthesize
 from pipeline.segmentation import models as segmodels
 from pipeline.shape.model import DiscAutoencoder
-from pipeline.shape.train import fit_epochs
+from pipeline.shape.train import count_training_discs, fit_epochs
 from tests.disc_cubes import disc_cube, one_torch_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,3 +101,31 @@ def test_stream_stage_breakdown_covers_every_stage(ray_session, tmp_path):
     assert set(stages) == {"read", "preprocess", "infer", "extract"}
     assert all(0 < seconds < wall_s for seconds in stages.values())
     assert 0 <= began["actors_began_s"] <= began["extract_began_s"] <= wall_s
+
+
+def test_the_scale_tables_repeat_real_discs_under_new_patients_with_their_gradings(tmp_path):
+    cfg = _tiny_cfg()
+    per_series, gradings = scale.template(cfg, str(tmp_path / "template"), patients=2)
+    assert len(per_series) == 2 and all(t.num_rows >= 4 for t in per_series)
+    out = str(tmp_path / "out")
+    n = scale.write_discs(per_series, gradings, 25, out)
+    discs = storage.read_table(tables.path(out, tables.DISCS), columns=tables.DISC_KEYS)
+    assert len(discs) == n and 25 <= n < 25 + max(t.num_rows for t in per_series)
+    assert (discs.mask_source == "reference").all()
+    assert discs.groupby("series_id").patient_id.nunique().eq(1).all()
+    written = storage.read_table(tables.path(out, tables.GRADINGS))
+    assert set(written.patient_id) == set(discs.patient_id)
+    for patient, grades in written.groupby("patient_id"):  # a copy keeps its original's grades
+        original = gradings[gradings.patient_id == patient.split("x", 1)[1]]
+        pd.testing.assert_frame_equal(grades.drop(columns="patient_id").reset_index(drop=True),
+                                      original.drop(columns="patient_id").reset_index(drop=True))
+    usable = storage.read_table(tables.path(out, tables.DISCS), columns=["split", "cube_fits"])
+    assert count_training_discs(tables.path(out, tables.DISCS), cfg) == (
+        usable.split.isin(cfg.autoencoder.train_splits) & usable.cube_fits).sum()
+
+
+def test_scale_flatness_compares_the_largest_size_with_the_second_smallest():
+    records = [{"discs": d, "stage": "encode", "ms_per_disc": ms, "driver_peak_rss_mib": rss}
+               for d, ms, rss in [(1000, 9.0, 500.0), (5000, 2.0, 505.0), (50000, 2.2, 520.0)]]
+    assert scale.flatness(records, "discs") == {"encode": {
+        "driver_peak_growth": 0.04, "time_per_disc_ratio": 1.1, "from": 5000, "to": 50000}}

@@ -204,7 +204,7 @@ def disc_table_path(out: str, series_id: str) -> str:
     return storage.join(tables.path(out, tables.DISCS), f"{series_id}.parquet")
 
 
-def _disc_rows(found: list, source: str, sample: dict, label_map: np.ndarray | None,
+def disc_rows(found: list, source: str, sample: dict, label_map: np.ndarray | None,
                spacing, cfg: Config, skipped: list[str]) -> tuple[list[dict], list[np.ndarray]]:
     """Measure and cube discs of one mask source; a disc that cannot be measured is skipped with
     its reason appended to `skipped`."""
@@ -271,9 +271,9 @@ def extract_series(sample: dict, cfg: Config, out: str) -> dict:
     reference_found = isolate.reference_discs(reference)
     predicted_found, report = isolate.predicted_discs(
         predicted.astype(bool), spacing, reference, min_volume_mm3=cfg.discs.min_component_mm3)
-    ref_rows, ref_cubes = _disc_rows(reference_found, "reference", record, reference, spacing,
+    ref_rows, ref_cubes = disc_rows(reference_found, "reference", record, reference, spacing,
                                      cfg, skipped)
-    pred_rows, pred_cubes = _disc_rows(predicted_found, "predicted", record, None, spacing, cfg,
+    pred_rows, pred_cubes = disc_rows(predicted_found, "predicted", record, None, spacing, cfg,
                                        skipped)
     storage.write_table(disc_table(ref_rows + pred_rows, ref_cubes + pred_cubes,
                                    cfg.discs.cube_size),
