@@ -79,11 +79,11 @@ def init_ray(address: str | None = None) -> None:
              configure_logging=False, runtime_env=resources.runtime_env())
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _status_mib(field: str, process: Path = Path("/proc/self")) -> float:
+    for line in (process / "status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise ValueError(f"/proc/self/status has no {field}")
+    raise ValueError(f"{process}/status has no {field}")
 
 
 def rss_mib() -> float:
@@ -126,10 +126,8 @@ class WorkerPeakRss:
             for proc in Path("/proc").iterdir():
                 try:
                     if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::"):
-                        rss = next(line for line in (proc / "status").read_text().splitlines()
-                                   if line.startswith("VmRSS:"))
-                        self.peak_mib = max(self.peak_mib, int(rss.split()[1]) / 1024)
-                except (OSError, StopIteration):  # gone meanwhile, or a kernel thread
+                        self.peak_mib = max(self.peak_mib, _status_mib("VmRSS", proc))
+                except (OSError, ValueError):  # gone meanwhile, or a kernel thread
                     continue
             self._stop.wait(self.every_s)
 

@@ -110,7 +110,7 @@ def test_packed_cubes_give_back_the_cubes_they_hold(side):
     assert len(held) == 5 and held.nbytes == 5 * -(-side**3 // 8)
     assert held.take([4, 0, 4]).dtype == torch.uint8
     assert np.array_equal(held.take([4, 0, 4]).numpy(), cubes[[4, 0, 4]])
-    both = PackedCubes.concat([held, PackedCubes.pack(cubes[:2])], side)
+    both = PackedCubes.concat([held, PackedCubes.pack(cubes[:2])])
     assert np.array_equal(both.take(np.arange(7)).numpy(), np.concatenate([cubes, cubes[:2]]))
     with pytest.raises(ValueError, match="side"):
         PackedCubes(held.rows, side + 1)

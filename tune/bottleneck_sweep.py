@@ -5,7 +5,8 @@ the target. If none did, the best mean IoU is chosen and the table's `note` says
 
 Each trial is either the plain `fit_epochs` loop inside the Tune function trainable
 (cfg.sweep.nested_train=False: laptops; about 5x faster on 2 cores, each trial reads the cubes
-from the discs table itself) or a TorchTrainer per trial (nested_train=True: clusters, multi-worker/GPU trials).
+from the discs table itself) or a TorchTrainer per trial (nested_train=True: clusters,
+multi-worker/GPU trials).
 Trials stop early on an IoU plateau (cfg.sweep.early_stop) from inside the training loop, so a
 nested trial's Train run ends cleanly and never leaks its placement group (RAY_NOTES: ASHA).
 An interrupted sweep resumes: the same config and storage_path give the same experiment name,

@@ -7,17 +7,21 @@ of the whole set ever exists) and unpacked a batch at a time as training draws t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+
+def _row_bytes(side: int) -> int:
+    return -(-side**3 // 8)
 
 
 class PackedCubes:
     """N binary cubes of side `side`, one packed row of side³ bits each."""
 
     def __init__(self, rows: np.ndarray, side: int):
-        if rows.ndim != 2 or rows.dtype != np.uint8 or rows.shape[1] != -(-side**3 // 8):
+        if rows.ndim != 2 or rows.dtype != np.uint8 or rows.shape[1] != _row_bytes(side):
             raise ValueError(f"packed rows of shape {rows.shape} ({rows.dtype}) do not hold "
                              f"cubes of side {side}")
         self.rows, self.side = rows, int(side)
@@ -31,10 +35,9 @@ class PackedCubes:
         return cls(np.packbits(array.reshape(len(array), -1) > 0, axis=1), array.shape[1])
 
     @classmethod
-    def concat(cls, parts: Iterable[PackedCubes], side: int) -> PackedCubes:
-        rows = [p.rows for p in parts]
-        empty = np.zeros((0, -(-side**3 // 8)), np.uint8)
-        return cls(np.concatenate(rows) if rows else empty, side)
+    def concat(cls, parts: Sequence[PackedCubes]) -> PackedCubes:
+        """One set from at least one part, all of one side."""
+        return cls(np.concatenate([p.rows for p in parts]), parts[0].side)
 
     def __len__(self) -> int:
         return len(self.rows)

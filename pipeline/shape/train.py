@@ -340,14 +340,29 @@ def _training_scan(discs_path: str, cfg: Config):
             pq.filters_to_expression(_training_filter(cfg)))
 
 
+def _no_training_discs(discs_path: str, cfg: Config) -> ValueError:
+    return ValueError(f"{discs_path} has no reference cubes that hold their whole disc in "
+                      f"splits {tuple(cfg.autoencoder.train_splits)}")
+
+
+def _pack_batches(batches) -> tuple[PackedCubes, np.ndarray] | None:
+    """(cubes, patient ids) batches -> all of them packed as they arrive, and the patients;
+    None when there were none."""
+    cubes, patients = [], []
+    for block, ids in batches:
+        if len(block):
+            cubes.append(PackedCubes.pack(block))
+            patients.append(np.asarray(ids, dtype=object))
+    return (PackedCubes.concat(cubes), np.concatenate(patients)) if cubes else None
+
+
 def count_training_discs(discs_path: str, cfg: Config) -> int:
     """How many discs the autoencoder trains on (from the files' row groups where they can
     tell); none is an error that names the table."""
     dataset, keep = _training_scan(discs_path, cfg)
     n = dataset.count_rows(filter=keep)
     if n == 0:
-        raise ValueError(f"{discs_path} has no reference cubes that hold their whole disc in "
-                         f"splits {tuple(cfg.autoencoder.train_splits)}")
+        raise _no_training_discs(discs_path, cfg)
     return n
 
 
@@ -357,17 +372,13 @@ def load_training_cubes(discs_path: str, cfg: Config, with_patients: bool = Fals
     workers each read their part with Ray Data instead); with_patients: (cubes, the patient_id
     of each)."""
     dataset, keep = _training_scan(discs_path, cfg)
-    parts, patients = [], []
-    for batch in dataset.to_batches(columns=[tables.CUBE, "patient_id"], filter=keep,
-                                    batch_size=LOAD_BATCH):
-        if batch.num_rows:
-            parts.append(PackedCubes.pack(tables.stack_cubes(batch.column(tables.CUBE))))
-            patients.extend(batch.column("patient_id").to_pylist())
-    if not parts:
-        raise ValueError(f"{discs_path} has no reference cubes that hold their whole disc in "
-                         f"splits {tuple(cfg.autoencoder.train_splits)}")
-    cubes = PackedCubes.concat(parts, parts[0].side)
-    return (cubes, np.asarray(patients, dtype=object)) if with_patients else cubes
+    loaded = _pack_batches(
+        (tables.stack_cubes(batch.column(tables.CUBE)), batch.column("patient_id").to_pylist())
+        for batch in dataset.to_batches(columns=[tables.CUBE, "patient_id"], filter=keep,
+                                        batch_size=LOAD_BATCH))
+    if loaded is None:
+        raise _no_training_discs(discs_path, cfg)
+    return loaded if with_patients else loaded[0]
 
 
 def training_dataset(discs_path: str, cfg: Config):
@@ -414,13 +425,11 @@ def training_parts(dataset, workers: int) -> dict:
 
 def _worker_cubes(part, rank: int) -> tuple[PackedCubes, np.ndarray]:
     """This worker's part of the training discs, packed as it streams in, and their patients."""
-    cubes, patients = [], []
-    for batch in part.iter_batches(batch_size=LOAD_BATCH, batch_format="numpy"):
-        cubes.append(PackedCubes.pack(np.asarray(batch[tables.CUBE])))
-        patients.append(np.asarray(batch["patient_id"], dtype=object))
-    if not cubes:
+    loaded = _pack_batches((np.asarray(batch[tables.CUBE]), batch["patient_id"]) for batch in
+                           part.iter_batches(batch_size=LOAD_BATCH, batch_format="numpy"))
+    if loaded is None:
         raise ValueError(f"training worker {rank} got no discs")
-    return PackedCubes.concat(cubes, cubes[0].side), np.concatenate(patients)
+    return loaded
 
 
 def _all_gather(value) -> list:
