@@ -112,12 +112,14 @@ def peak_rss_mib() -> float:
 
 
 class WorkerPeakRss:
-    """The largest resident memory of any one Ray worker process of this machine while the
-    block runs, sampled every `every_s` (Ray names its workers' processes "ray::..."). A worker
-    that maps object-store pages counts them: an upper bound on its own memory."""
+    """The largest resident memory of any one busy Ray worker process of this machine while
+    the block runs, sampled every `every_s`, and what that worker was running (Ray names its
+    workers' processes "ray::<task or actor>"). Idle workers ("ray::IDLE") are left out: one
+    kept from an earlier run holds that run's memory, not this one's. A worker that maps
+    object-store pages counts them: an upper bound on its own memory."""
 
     def __init__(self, every_s: float = 0.2):
-        self.every_s, self.peak_mib = every_s, 0.0
+        self.every_s, self.peak_mib, self.peak_name = every_s, 0.0, ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -125,8 +127,12 @@ class WorkerPeakRss:
         while not self._stop.is_set():
             for proc in Path("/proc").iterdir():
                 try:
-                    if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::"):
-                        self.peak_mib = max(self.peak_mib, _status_mib("VmRSS", proc))
+                    name = (proc / "cmdline").read_bytes().split(b"\0")[0].decode() \
+                        if proc.name.isdigit() else ""
+                    if name.startswith("ray::") and not name.startswith("ray::IDLE"):
+                        rss = _status_mib("VmRSS", proc)
+                        if rss > self.peak_mib:
+                            self.peak_mib, self.peak_name = rss, name
                 except (OSError, ValueError):  # gone meanwhile, or a kernel thread
                     continue
             self._stop.wait(self.every_s)

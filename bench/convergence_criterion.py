@@ -102,6 +102,7 @@ def main() -> None:
         ae.iou_target = args.iou_target
     if args.recipe == "paper":
         ae.loss, ae.schedule, ae.lr, ae.batch_size, ae.eval_every = "bce", "constant", 2e-3, 4, 1
+        ae.bf16 = False
     spec = TrainSpec.from_config(cfg, ae.bottleneck, max_epochs=args.max_epochs)
     torch.set_num_threads(args.threads)
     load_before = common.load_average()
@@ -110,7 +111,7 @@ def main() -> None:
         args.patients, cfg.discs.cube_size, cfg.discs.cube_spacing_mm, seed=args.seed))
     common.progress(f"training on {len(cubes)} discs ({args.recipe} recipe: {spec.loss}, "
                     f"{spec.schedule} lr {spec.lr:g}, batch {spec.batch_size}, whole-set pass "
-                    f"every {spec.eval_every} epochs), bottleneck {ae.bottleneck}, up to "
+                    f"every {spec.eval_every} epochs, bf16 {spec.bf16}), bottleneck {ae.bottleneck}, up to "
                     f"{args.max_epochs} epochs")
     torch.manual_seed(args.seed)
     model = DiscAutoencoder(cfg.discs.cube_size, ae.channels, ae.bottleneck)
@@ -120,7 +121,7 @@ def main() -> None:
     fit = fit_epochs(model, cubes, optimizer, batch_size=spec.batch_size,
                      max_epochs=args.max_epochs, iou_target=ae.iou_target, seed=args.seed,
                      on_epoch=paper.on_epoch, on_batch=paper.on_batch, loss=spec.loss,
-                     lr_at=spec.lr_at(), eval_every=spec.eval_every)
+                     lr_at=spec.lr_at(), eval_every=spec.eval_every, bf16=spec.bf16)
     wall_s = paper.elapsed()
 
     last = fit.last

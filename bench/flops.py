@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import statistics
 import sys
@@ -43,7 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.data import checkpoints  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.segmentation import models as segmodels, stream  # noqa: E402
-from pipeline.shape.model import DiscAutoencoder  # noqa: E402
+from pipeline.shape.model import DiscAutoencoder, as_input  # noqa: E402
+from pipeline.shape.train import native_bf16, reconstruction_loss, step_autocast  # noqa: E402
 from pipeline.data.cohort import catalog  # noqa: E402
 from pipeline.data.synthetic import synthesize  # noqa: E402
 
@@ -69,7 +71,9 @@ def seconds_per_call(fn: Callable[[], object], repeats: int, warmup: int = 2) ->
 
 
 def ceilings(matmul_size: int, conv_size: int, repeats: int) -> dict:
-    """Achieved FLOP/s of a square float32 matmul and of a wide 64->64 channel 3x3x3 conv."""
+    """Achieved FLOP/s of a square float32 matmul and of a wide 64->64 channel 3x3x3 conv, and
+    of that conv in bf16 autocast where the CPU computes bf16 natively (a bf16 step's own
+    ceiling; the float32 conv stays the yardstick every fraction is taken against)."""
     a, b = torch.randn(matmul_size, matmul_size), torch.randn(matmul_size, matmul_size)
     conv = nn.Conv3d(64, 64, 3, padding=1)
     x = torch.randn(1, 64, conv_size, conv_size, conv_size)
@@ -77,26 +81,32 @@ def ceilings(matmul_size: int, conv_size: int, repeats: int) -> dict:
         matmul_s = seconds_per_call(lambda: a @ b, repeats)
         conv_s = seconds_per_call(lambda: conv(x), repeats)
         conv_flops = flops_of(lambda: conv(x))
+        with step_autocast("cpu", bf16=True)():
+            bf16_s = seconds_per_call(lambda: conv(x), repeats)
     return {"matmul_gflops": 2 * matmul_size**3 / matmul_s / GIGA,
-            "conv3d_gflops": conv_flops / conv_s / GIGA}
+            "conv3d_gflops": conv_flops / conv_s / GIGA,
+            "conv3d_bf16_gflops": conv_flops / bf16_s / GIGA if native_bf16("cpu") else None}
 
 
 class AutoencoderStep:
-    """One training step of the preset's autoencoder (BCE on logits, Adam), as fit_epochs runs
-    it, on a batch of synthetic disc cubes."""
+    """One training step of the preset's autoencoder (its loss on logits, Adam, bf16 autocast
+    where the config asks and the CPU has it), as fit_epochs runs it, on a batch of synthetic
+    disc cubes."""
 
-    def __init__(self, cfg: config.Config, cubes: np.ndarray, batch: int):
+    def __init__(self, cfg: config.Config, cubes: np.ndarray, batch: int, bf16: bool):
         torch.manual_seed(0)
         self.model = DiscAutoencoder(cfg.discs.cube_size, cfg.autoencoder.channels,
                                      cfg.autoencoder.bottleneck)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.autoencoder.lr)
-        self.loss_fn = nn.BCEWithLogitsLoss()
-        index = np.arange(batch) % len(cubes)
-        self.x = torch.as_tensor(cubes[index] > 0, dtype=torch.float32).unsqueeze(1)
+        self.loss = cfg.autoencoder.loss
+        self.autocast = step_autocast("cpu", bf16)
+        self.x = as_input(cubes[np.arange(batch) % len(cubes)])
 
     def forward(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        return self.loss_fn(self.model(self.x), self.x)
+        with self.autocast():
+            logits = self.model(self.x).float()
+        return reconstruction_loss(logits, self.x, self.loss)
 
     def __call__(self) -> None:
         self.forward().backward()
@@ -195,6 +205,28 @@ def inference_row(cfg, volumes, tmp: str, threads: int, repeats: int, sw_batch: 
             "network_share_of_time": network_s / seconds}
 
 
+def paper_work(batch: int) -> dict:
+    """The paper preset's work, counted (not timed: no GPU here): one autoencoder training step
+    (64³ cubes, 32->512 channels; on the meta device, no arithmetic done) and one SwinUNETR
+    forward pass over a 96³ sliding window (real tensors: MONAI's SwinUNETR reads a value)."""
+    cfg = config.paper()
+    ae = cfg.autoencoder
+    with torch.device("meta"):
+        model = DiscAutoencoder(cfg.discs.cube_size, ae.channels, ae.bottleneck)
+        x = torch.rand(batch, 1, *(cfg.discs.cube_size,) * 3)
+    step = flops_of(lambda: reconstruction_loss(model(x), x, ae.loss).backward())
+    torch.manual_seed(0)
+    segmenter = segmodels.build_segmenter(cfg.segmentation).eval()
+    window = torch.randn(1, 1, *cfg.segmentation.roi_size)
+    with torch.inference_mode():
+        window_flops = flops_of(lambda: segmenter(window))
+    return {"autoencoder_gflop_per_disc_step": step / batch / GIGA,
+            "autoencoder_batch": batch, "cube_size": cfg.discs.cube_size,
+            "channels": list(ae.channels), "segmenter": cfg.segmentation.model,
+            "segmenter_gflop_per_window": window_flops / GIGA,
+            "roi_size": list(cfg.segmentation.roi_size)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}",
@@ -221,16 +253,19 @@ def main() -> None:
                                             cfg.discs.cube_spacing_mm)
         volumes = segmentation_volumes(cfg, args.volumes, tmp)
         ceiling, autoencoder, inference = {}, [], []
+        step_bf16 = cfg.autoencoder.bf16 and native_bf16("cpu")  # the step the config trains
         for threads in thread_counts:
             torch.set_num_threads(threads)
             common.progress(f"{threads} thread(s): ceilings")
             ceiling[threads] = ceilings(args.matmul_size, args.conv_size, args.repeats)
-            for batch in (cfg.autoencoder.batch_size, args.large_batch):
-                common.progress(f"{threads} thread(s): autoencoder step, batch {batch}")
-                step = AutoencoderStep(cfg, cubes, batch)
+            for batch, bf16 in itertools.product((cfg.autoencoder.batch_size, args.large_batch),
+                                                 sorted({False, step_bf16})):
+                common.progress(f"{threads} thread(s): autoencoder step, batch {batch}, "
+                                f"bf16 {bf16}")
+                step = AutoencoderStep(cfg, cubes, batch, bf16)
                 flops = flops_of(step)
                 seconds = seconds_per_call(step, args.repeats)
-                autoencoder.append({"threads": threads, "batch": batch,
+                autoencoder.append({"threads": threads, "batch": batch, "bf16": bf16,
                                     "gflop_per_step": flops / GIGA, "s_per_step": seconds,
                                     "discs_per_s": batch / seconds,
                                     "gflops": flops / seconds / GIGA})
@@ -241,9 +276,11 @@ def main() -> None:
         main_threads = thread_counts[-1]
         torch.set_num_threads(main_threads)
         common.progress(f"{main_threads} thread(s): autoencoder phases and layers")
-        step = AutoencoderStep(cfg, cubes, cfg.autoencoder.batch_size)
+        step = AutoencoderStep(cfg, cubes, cfg.autoencoder.batch_size, step_bf16)
         phases = step.phases(args.repeats)
         layers = step.layers(args.repeats)
+        common.progress("the paper preset's work per step and per window (counted, not timed)")
+        paper = paper_work(config.paper().autoencoder.batch_size)
 
     for row in autoencoder + inference:
         limit = ceiling[row["threads"]]
@@ -253,7 +290,7 @@ def main() -> None:
     phase_rows = [{"phase": p, **v} for p, v in phases.items()]
     result = {"ceilings": ceiling_rows, "autoencoder_step": autoencoder,
               "autoencoder_phases": phase_rows, "autoencoder_layers": layers,
-              "segmentation_inference": inference,
+              "segmentation_inference": inference, "paper_preset_work": paper,
               "autoencoder": {"cube_size": cfg.discs.cube_size,
                               "channels": list(cfg.autoencoder.channels),
                               "bottleneck": cfg.autoencoder.bottleneck},
@@ -267,13 +304,15 @@ def main() -> None:
     print(common.table(ceiling_rows))
     print("\nautoencoder training step")
     print(common.table(autoencoder))
-    print(f"\nautoencoder step phases, batch {cfg.autoencoder.batch_size}, {main_threads} "
-          "thread(s) (elementwise work such as BatchNorm, ReLU and Adam counts no FLOPs)")
+    print(f"\nautoencoder step phases, batch {cfg.autoencoder.batch_size}, bf16 {step_bf16}, "
+          f"{main_threads} thread(s) (elementwise work such as BatchNorm, ReLU and Adam counts no FLOPs)")
     print(common.table(phase_rows))
     print("\nautoencoder layers, forward")
     print(common.table(layers))
     print("\nsegmentation inference per volume")
     print(common.table(inference))
+    print("\nthe paper preset's work (counted FLOPs; its time on a GPU is an estimate: see README)")
+    print(common.table([paper]))
     common.write_result("flops", result, load_before, args)
 
 

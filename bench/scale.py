@@ -9,9 +9,10 @@ a finished `make demo` (or --checkpoint).
 
 Each run prints, per size and stage: wall time, time per disc (per series; per disc-epoch for the
 sweep), the driver's peak resident memory, and the largest one Ray worker reached. The tables
-are written by Ray tasks, so the driver's memory is the stages' alone. What must
-hold: the driver's peak stays flat whatever the size (no stage gathers the cohort on it), and
-the time per disc stays flat (no stage costs more per disc as the cohort grows).
+are written by Ray tasks, and each stage at each size runs in a fresh driver process joined to
+the same Ray, so a driver's memory is that stage's alone. What must hold: the driver's peak
+stays flat whatever the size (no stage gathers the cohort on it), and the time per disc stays
+flat (no stage costs more per disc as the cohort grows).
 
     python bench/scale.py [--discs 1000,5000,20000,50000] [--series 64,256] [--epochs 2]
                           [--checkpoint RUN/checkpoint_...] [--json PATH]
@@ -25,6 +26,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +52,7 @@ from pipeline.shape.train import count_training_discs  # noqa: E402
 from tune.bottleneck_sweep import run_sweep  # noqa: E402
 
 TEMPLATE_PATIENTS = 12
+STAGES = ("sweep", "encode", "classify")
 
 
 def template(cfg: config.Config, folder: str, patients: int = TEMPLATE_PATIENTS
@@ -106,27 +109,29 @@ def measured(stage: str, size_key: str, size: int, units: int, unit: str, run) -
               f"ms_per_{unit}": round(1000 * wall_s / units, 3),
               "driver_rss_before_mib": round(before, 1),
               "driver_peak_rss_mib": round(common.peak_rss_mib(), 1),
-              "worker_peak_rss_mib": round(workers.peak_mib, 1), "driver_peak_is_per_stage": exact}
+              "worker_peak_rss_mib": round(workers.peak_mib, 1), "worker_peak_ran": workers.peak_name,
+              "driver_peak_is_per_stage": exact}
     common.progress(f"{size_key} {size}, {stage}: {wall_s:.1f} s, "
                     f"{record[f'ms_per_{unit}']:.2f} ms per {unit.replace('_', '-')}, driver "
                     f"peak {record['driver_peak_rss_mib']:.0f} MiB, largest worker "
-                    f"{record['worker_peak_rss_mib']:.0f} MiB")
+                    f"{record['worker_peak_rss_mib']:.0f} MiB ({workers.peak_name})")
     return record
 
 
-def one_table(cfg: config.Config, per_series: list[pa.Table], gradings: pd.DataFrame,
-              size: int, epochs: int, out: str) -> list[dict]:
-    """The sweep, encoding and classification on a discs table of about `size` rows."""
-    common.progress(f"writing a discs table of {size} rows (a Ray task: the driver stays clean)")
-    n = ray.get(ray.remote(write_discs).remote(per_series, gradings, size, out))
+def run_stage(stage: str, cfg: config.Config, out: str, n: int, epochs: int) -> dict:
+    """One stage on the discs table of `n` rows in `out`, in this (fresh) driver: the sweep (its
+    chosen checkpoint lands in the sweep table, where encoding finds it), encoding, or
+    classification."""
     discs_path = tables.path(out, tables.DISCS)
     trained = count_training_discs(discs_path, cfg)
-    chosen = {}
 
     def sweep() -> None:
-        result = run_sweep(discs_path, cfg, storage.join(out, "ray"), out,
-                           progress=lambda _: None)
-        chosen["checkpoint"] = result.chosen_checkpoint
+        run_sweep(discs_path, cfg, storage.join(out, "ray"), out, progress=lambda _: None)
+
+    def encode() -> None:
+        sweep_table = storage.read_table(tables.path(out, tables.SWEEP))
+        checkpoint = sweep_table.loc[sweep_table["chosen"], "checkpoint_path"].iloc[0]
+        encode_discs(discs_path, checkpoint, out, progress=lambda _: None, res=cfg.resources)
 
     def classify() -> None:
         discs = storage.read_table(discs_path, columns=tables.DISC_KEYS + tables.GEOMETRY
@@ -134,21 +139,37 @@ def one_table(cfg: config.Config, per_series: list[pa.Table], gradings: pd.DataF
         run_classification(discs, storage.read_table(tables.path(out, tables.LATENTS)),
                            storage.read_table(tables.path(out, tables.GRADINGS)), cfg, out)
 
-    records = [
-        measured("sweep", "discs", n, trained * epochs, "disc_epoch", sweep),
-        measured("encode", "discs", n, n, "disc", lambda: encode_discs(
-            discs_path, chosen["checkpoint"], out, progress=lambda _: None, res=cfg.resources)),
-        measured("classify", "discs", n, n, "disc", classify)]
-    return [{**record, "training_discs": trained} for record in records]
+    run, units, unit = {"sweep": (sweep, trained * epochs, "disc_epoch"),
+                        "encode": (encode, n, "disc"), "classify": (classify, n, "disc")}[stage]
+    return {**measured(stage, "discs", n, units, unit, run), "training_discs": trained}
 
 
-def disc_stages(cfg: config.Config, sizes: list[int], epochs: int, tmp: str) -> list[dict]:
+def one_table(args: argparse.Namespace, per_series: list[pa.Table], gradings: pd.DataFrame,
+              size: int, out: str) -> list[dict]:
+    """The sweep, encoding and classification on a discs table of about `size` rows, each in a
+    fresh driver process joined to this Ray: its peak memory is that stage's at that size alone,
+    not what earlier stages and sizes left allocated in one long-lived process."""
+    common.progress(f"writing a discs table of {size} rows (a Ray task: the driver stays clean)")
+    n = ray.get(ray.remote(write_discs).remote(per_series, gradings, size, out))
+    address = ray.get_runtime_context().gcs_address
+    records = []
+    for stage in STAGES:
+        record_file = Path(out) / f"{stage}.json"
+        subprocess.run([sys.executable, __file__, "--stage", stage, "--table", out,
+                        "--address", address, "--preset", args.preset, "--rows", str(n),
+                        "--epochs", str(args.epochs), "--json", str(record_file)], check=True)
+        records.append(json.loads(record_file.read_text()))
+    return records
+
+
+def disc_stages(args: argparse.Namespace, cfg: config.Config, sizes: list[int], tmp: str
+                ) -> list[dict]:
     per_series, gradings = ray.get(ray.remote(template).remote(cfg, storage.join(tmp,
                                                                                  "template")))
     records = []
     for size in sizes:
         out = storage.join(tmp, f"discs_{size}")
-        records += one_table(cfg, per_series, gradings, size, epochs, out)
+        records += one_table(args, per_series, gradings, size, out)
         shutil.rmtree(out, ignore_errors=True)
     return records
 
@@ -208,6 +229,12 @@ def flatness(records: list[dict], size_key: str) -> dict:
     return out
 
 
+def sweep_config(args: argparse.Namespace) -> config.Config:
+    """The preset with a one-bottleneck sweep of --epochs epochs that never stops early."""
+    return config.load(args.preset, ["sweep.bottlenecks=4", f"sweep.max_epochs={args.epochs}",
+                                     "sweep.early_stop=false"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--discs", default="1000,5000,20000,50000",
@@ -219,15 +246,23 @@ def main() -> None:
     parser.add_argument("--preset", default="demo", choices=sorted(config.PRESETS))
     parser.add_argument("--json", help="result file (default: bench/results/scale.json)")
     parser.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # a child's one stage
+    parser.add_argument("--table", help=argparse.SUPPRESS)  # the child's discs-table folder
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)  # and its row count
     args = parser.parse_args()
+    if args.stage:
+        cfg = sweep_config(args)
+        common.init_ray(args.address)
+        Path(args.json).write_text(json.dumps(run_stage(args.stage, cfg, args.table, args.rows,
+                                                        args.epochs)))
+        return
     disc_sizes, series_sizes = _sizes(args.discs, "--discs"), _sizes(args.series, "--series")
     checkpoint = (args.checkpoint or common.demo_checkpoint()) if series_sizes else None
-    cfg = config.load(args.preset, ["sweep.bottlenecks=4", f"sweep.max_epochs={args.epochs}",
-                                    "sweep.early_stop=false"])
+    cfg = sweep_config(args)
     common.init_ray(args.address)
     load_before = common.load_average()
     with tempfile.TemporaryDirectory() as tmp:
-        disc_records = disc_stages(cfg, disc_sizes, args.epochs, tmp) if disc_sizes else []
+        disc_records = disc_stages(args, cfg, disc_sizes, tmp) if disc_sizes else []
         series_records = series_stage(cfg, series_sizes, checkpoint, tmp) if series_sizes else []
     ray.shutdown()
 

@@ -73,6 +73,10 @@ class AutoencoderConfig:
     loss: str = "bce+dice"  # "bce" (the paper's) | "bce+dice"
     schedule: str = "onecycle"  # "constant" (the paper's) | "onecycle", over max_epochs
     eval_every: int = 5  # epochs between whole-set eval passes that judge convergence
+    # Training steps in bfloat16 autocast where the device computes bf16 natively (CPUs with
+    # AVX-512 BF16 or AMX, recent GPUs); weights, the optimizer and every eval pass that judges
+    # convergence stay float32. The architecture is the paper's either way.
+    bf16: bool = True
 
 
 @dataclass

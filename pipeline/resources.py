@@ -61,6 +61,7 @@ class TrialPlan:
     trial_resources: dict  # what each Tune trial reserves
     threads: int  # torch threads per training process
     cpus_per_worker: float  # nested only: each TorchTrainer worker's CPU share
+    node_cpus: float = 0.0  # the largest node's CPUs: no plain trial can hold more
 
 
 def _nodes() -> list[dict]:
@@ -159,14 +160,15 @@ def classification_cells(n_cells: int) -> Layout:
 
 def sweep(res: ResourcesConfig, n_trials: int, nested: bool, num_workers: int = 1) -> TrialPlan:
     """The sweep's trial plan for this cluster (see plan_trials)."""
+    node_cpus = max(n.get("CPU", 0) for n in _nodes())
     if use_gpus(res):
         return plan_trials({"CPU": _cpus(), "GPU": _gpus()}, n_trials, nested, num_workers,
-                           gpu_trial_cpus=_gpu_worker_cpus(res))
-    return plan_trials({"CPU": _cpus()}, n_trials, nested, num_workers)
+                           gpu_trial_cpus=_gpu_worker_cpus(res), node_cpus=node_cpus)
+    return plan_trials({"CPU": _cpus()}, n_trials, nested, num_workers, node_cpus=node_cpus)
 
 
 def plan_trials(resources: dict, n_trials: int, nested: bool, num_workers: int = 1,
-                gpu_trial_cpus: float = 1.0) -> TrialPlan:
+                gpu_trial_cpus: float = 1.0, node_cpus: float | None = None) -> TrialPlan:
     """Size trial concurrency from the cluster's resources.
 
     Plain trials train in the trial itself and reserve their real share: a GPU and
@@ -174,24 +176,27 @@ def plan_trials(resources: dict, n_trials: int, nested: bool, num_workers: int =
     run at once, up to two trials per CPU (3 single-threaded trials on 2 CPUs finish in 1.5
     trial-times, not 2 with one core idle at the end). Nested trials reserve almost nothing ({"cpu": 0.01}: a trial reserving a whole
     CPU beside its trainer's workers never starts on 2 CPUs) and give their workers fractional
-    CPUs, leaving a CPU for Ray Data.
+    CPUs, leaving a CPU for Ray Data. A trial runs on one node: its share is at most `node_cpus`
+    (the largest node's; None: the cluster is one node).
     """
     cpus, gpus = float(resources.get("CPU", 0.0)), int(resources.get("GPU", 0))
+    node_cpus = cpus if node_cpus is None else float(node_cpus)
     if cpus < 0.5:
         raise ValueError(f"the cluster has {cpus:g} CPUs: not enough for a sweep trial")
     if not nested:
         concurrency = min(n_trials, gpus if gpus else max(1, int(2 * cpus)))
-        share = cpus / concurrency
+        share = min(cpus / concurrency, node_cpus)
         if gpus:
             return TrialPlan(concurrency, {"cpu": gpu_trial_cpus, "gpu": 1},
-                             max(1, int(gpu_trial_cpus)), 0.0)
-        return TrialPlan(concurrency, {"cpu": share}, max(1, int(share)), 0.0)
+                             max(1, int(gpu_trial_cpus)), 0.0, node_cpus)
+        return TrialPlan(concurrency, {"cpu": share}, max(1, int(share)), 0.0, node_cpus)
     slots = gpus // num_workers if gpus else int(cpus // num_workers)
     concurrency = max(1, min(n_trials, slots))
     trial_cpu = 0.01
     spare = min(1.0, cpus / 2)  # for the Ray Data read of each trial's training cubes
     per_worker = max(0.1, (cpus - spare - trial_cpu * concurrency) / (concurrency * num_workers))
-    return TrialPlan(concurrency, {"cpu": trial_cpu}, max(1, int(per_worker)), per_worker)
+    return TrialPlan(concurrency, {"cpu": trial_cpu}, max(1, int(per_worker)), per_worker,
+                     node_cpus)
 
 
 def torch_backend(layout: Layout) -> str:

@@ -43,7 +43,8 @@ def test_flop_counts_are_consistent_and_the_ceiling_is_measured(tmp_path):
     assert ceiling["matmul_gflops"] > 0 and ceiling["conv3d_gflops"] > 0
     cfg = _tiny_cfg()
     cubes = _cubes(4)
-    small, large = flops.AutoencoderStep(cfg, cubes, 2), flops.AutoencoderStep(cfg, cubes, 4)
+    small, large = (flops.AutoencoderStep(cfg, cubes, 2, bf16=False),
+                    flops.AutoencoderStep(cfg, cubes, 4, bf16=True))
     step_flops = flops.flops_of(small)
     assert flops.flops_of(large) == 2 * step_flops  # the work grows with the batch, exactly
     phases = small.phases(repeats=1)

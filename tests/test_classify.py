@@ -180,7 +180,8 @@ def test_run_classification_writes_tables_with_cis_and_baselines(tmp_path):
     assert "bulge_fraction" in extras.features
 
     assert len(result.comparisons) == 2 * 2 * 2 * len(classify.COMPARISONS)
-    assert set(result.predictions.model) == set(classify.MODELS)
+    predictions = storage.read_table(result.predictions_path)  # one file per cell that ran
+    assert set(predictions.model) == set(classify.MODELS) and len(predictions) == 80 * len(ok)
     assert "| geometric+extras | LightGBM |" in result.markdown["reference"]
     assert "Majority class" in result.markdown["predicted"]
     assert result.markdown["reference"].startswith("**Table 1. Reference masks.**")
@@ -283,7 +284,8 @@ def test_cells_as_ray_tasks_give_exactly_the_in_process_table(ray_session, tmp_p
                                         on_ray=False)
     assert (on_ray.table.status == "ok").sum() == 2 * len(classify.FEATURE_SETS) + 1
     pd.testing.assert_frame_equal(on_ray.table, local.table, check_exact=True)
-    pd.testing.assert_frame_equal(on_ray.predictions, local.predictions, check_exact=True)
+    pd.testing.assert_frame_equal(storage.read_table(on_ray.predictions_path),
+                                  storage.read_table(local.predictions_path), check_exact=True)
     pd.testing.assert_frame_equal(on_ray.comparisons, local.comparisons, check_exact=True)
     assert on_ray.markdown == local.markdown
     assert lines[-1].startswith("classification cells: 15/15, ")
@@ -302,7 +304,7 @@ def test_a_failing_cell_gets_a_reason_and_the_other_cells_are_kept(ray_session, 
     assert failed.reason.str.startswith("LightGBMError: Check failed: (learning_rate) > (0.0)").all()
     kept = table[table.model != "lightgbm"]
     assert (kept.status == "ok").all() and kept.auc.notna().all()
-    assert set(result.predictions.model) == {"logistic", "majority"}
+    assert set(storage.read_table(result.predictions_path).model) == {"logistic", "majority"}
     assert set(result.comparisons.model) == {"logistic"}
     assert "Failed (all" not in result.markdown["reference"]
     assert "Failed (geometric, geometric+extras, latent" in result.markdown["reference"]

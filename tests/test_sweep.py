@@ -23,6 +23,7 @@ from tune.bottleneck_sweep import (
     choose_bottleneck,
     experiment_name,
     run_sweep,
+    spare_cpus_scheduler,
 )
 
 
@@ -68,6 +69,9 @@ def test_trial_plan_fits_the_cluster():
     assert gpu.concurrency == 2 and gpu.trial_resources["gpu"] == 1
     big = plan_trials({"CPU": 64.0}, n_trials=4, nested=False)
     assert big.concurrency == 4 and big.threads == 16
+    # a trial runs on one node: three 4-CPU nodes give two trials 4 CPUs each, not 6
+    nodes = plan_trials({"CPU": 12.0}, n_trials=2, nested=False, node_cpus=4.0)
+    assert nodes.trial_resources == {"cpu": 4.0} and nodes.node_cpus == 4.0
     with pytest.raises(ValueError, match="0 CPUs"):
         plan_trials({"CPU": 0.0}, n_trials=2, nested=False)
 
@@ -81,6 +85,54 @@ def test_experiment_name_follows_the_discs_and_the_config(tmp_path):
     assert experiment_name(discs, cfg) != name
     write_discs(tmp_path / "discs.parquet", n_series=3, size=16, discs_per_series=1)
     assert experiment_name(discs, config.demo()) != name  # re-extracted discs: a new sweep
+
+
+def _short_and_long_trial(params: dict) -> None:
+    """The short trial reports once and ends; the long one reports (with a checkpoint, as sweep
+    trials do) until the CPUs the short one held reach it, each time continuing from its own
+    last checkpoint. Waiting decides only how long this takes, not what happens."""
+    import tempfile
+
+    from ray import tune
+
+    from tune.trials import trial_threads
+
+    threads = trial_threads(1)
+    restored = tune.get_checkpoint()
+    epoch = 0
+    if restored is not None:
+        with restored.as_directory() as folder:
+            epoch = int((Path(folder) / "epoch").read_text())
+    while True:
+        epoch += 1
+        done = params["role"] == "short" or threads > 1 or epoch >= 600
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "epoch").write_text(str(epoch))
+            tune.report({"epochs": epoch, "threads": threads, "converged": done,
+                         "resumed_at": 0 if restored is None else epoch - 1},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+        if done:
+            return
+        time.sleep(0.1)
+
+
+def test_cpus_of_a_finished_trial_go_to_the_running_one(tmp_path, ray_session):
+    from ray import tune
+
+    plan = plan_trials({"CPU": 2.0}, n_trials=2, nested=False)
+    assert plan.threads == 1  # each trial starts on its half of the 2 CPUs
+    tuner = tune.Tuner(
+        tune.with_resources(_short_and_long_trial, plan.trial_resources),
+        param_space={"role": tune.grid_search(["short", "long"])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrency, reuse_actors=False,
+                                    scheduler=spare_cpus_scheduler(plan, max_epochs=1000)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    results = {r.config["role"]: r.metrics for r in tuner.fit()}
+    assert results["short"]["epochs"] == 1 and results["short"]["threads"] == 1
+    long = results["long"]
+    # restarted once, on both CPUs, from the checkpoint of the report that freed them
+    assert long["threads"] == 2 and long["converged"] and long["epochs"] < 600
+    assert long["resumed_at"] == long["epochs"] - 1 > 0
 
 
 def _tiny_sweep_cfg(nested: bool, max_epochs: int):

@@ -9,6 +9,8 @@ from the discs table itself) or a TorchTrainer per trial (nested_train=True: clu
 multi-worker/GPU trials).
 Trials stop early on an IoU plateau (cfg.sweep.early_stop) from inside the training loop, so a
 nested trial's Train run ends cleanly and never leaks its placement group (RAY_NOTES: ASHA).
+The CPUs a finished plain trial held go to the trials still running (`SpareCpus`): on a laptop
+the last trial would otherwise train on one thread beside idle cores.
 An interrupted sweep resumes: the same config and storage_path give the same experiment name,
 and Tuner.restore picks up unfinished trials from their last checkpoints.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import math
 import os
 import time
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 from ray import tune
+from ray.tune.execution.placement_groups import PlacementGroupFactory
+from ray.tune.schedulers import ResourceChangingScheduler
 
 from pipeline import config as config_module
 from pipeline import connect, resources
@@ -110,6 +115,42 @@ def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,
                  "checkpoint_path": result.checkpoint_path})
 
 
+class SpareCpus:
+    """ResourceChangingScheduler's allocation: the sweep's CPUs split evenly among the trials
+    still live (at most a node's CPUs each), so those of a finished trial go to the ones still
+    training. A trial is only given more when that buys it another torch thread: each change
+    restarts it from the checkpoint it has just reported (trials report only with a
+    checkpoint, so no epoch is lost)."""
+
+    def __init__(self, cpus: float, node_cpus: float, max_epochs: int):
+        self.cpus, self.node_cpus, self.max_epochs = cpus, node_cpus, max_epochs
+
+    def __call__(self, controller, trial, result: dict, scheduler) -> PlacementGroupFactory | None:
+        if result.get("converged") or result.get("stopped_early") or \
+                int(result.get("epochs", 0)) >= self.max_epochs:
+            return None  # its last report: the trial is ending, not to be restarted
+        share = min(self.cpus / max(1, len(controller.get_live_trials())), self.node_cpus)
+        held = trial.placement_group_factory.required_resources.get("CPU", 0.0)
+        if int(share) <= max(1, int(held)):
+            return None
+        return PlacementGroupFactory([{"CPU": share}])
+
+
+def _not_reuse_actors_warning(record: logging.LogRecord) -> bool:
+    """Ray's ResourceChangingScheduler reads the controller's _reuse_actors, which Ray's own
+    controller then warns about ("...is being restricted"): noise on every sweep, not ours."""
+    return "_reuse_actors" not in record.getMessage()
+
+
+def spare_cpus_scheduler(plan: resources.TrialPlan, max_epochs: int
+                         ) -> ResourceChangingScheduler:
+    """Tune's scheduler that hands the CPUs of finished plain trials to running ones."""
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_not_reuse_actors_warning)
+    cpus = plan.concurrency * plan.trial_resources["cpu"]
+    return ResourceChangingScheduler(
+        resources_allocation_function=SpareCpus(cpus, plan.node_cpus, max_epochs))
+
+
 class TrialProgress(tune.Callback):
     """One line on the driver per trial report (every checkpoint_every epochs)."""
 
@@ -120,7 +161,7 @@ class TrialProgress(tune.Callback):
         if "mean_iou" in result:
             self.progress(f"sweep k={trial.config['bottleneck']}: epoch "
                           f"{result.get('epochs', '?')}/{self.max_epochs}, mean IoU "
-                          f"{result['mean_iou']:.4f}")
+                          f"{result['mean_iou']:.4f} ({result.get('threads', '?')} threads)")
 
 
 def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
@@ -146,6 +187,9 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
         trainable = tune.with_parameters(_plain_trial, discs_path=discs_path, cfg=cfg,
                                          threads=plan.threads)
     trainable = tune.with_resources(trainable, plan.trial_resources)
+    # CPUs freed by finished trials go to running ones; a GPU trial cannot use another GPU
+    scheduler = None if nested or "gpu" in plan.trial_resources else spare_cpus_scheduler(
+        plan, cfg.sweep.max_epochs)
     experiment_path = storage.join(storage_path, name)
     mode = "a TorchTrainer per trial" if nested else "a plain loop per trial"
     progress(f"bottleneck sweep {bottlenecks} ({mode}), {plan.concurrency} at once, "
@@ -158,7 +202,8 @@ def run_sweep(discs_path: str, cfg: Config, storage_path: str, out: str,
         tuner = tune.Tuner(
             trainable,
             param_space={"bottleneck": tune.grid_search(bottlenecks)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrency),
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrency,
+                                        scheduler=scheduler, reuse_actors=False),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

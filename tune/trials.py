@@ -103,19 +103,28 @@ def autoencoder_trial(params: dict, discs_path: str, cfg: Config, threads: int) 
         FINISHED: bool(m["converged"]) or m["epochs"] >= spec.max_epochs})
 
 
+def trial_threads(planned: int) -> int:
+    """Torch threads for this trial: as planned, or more where the scheduler has since given
+    the trial more CPUs (tune.bottleneck_sweep.SpareCpus)."""
+    held = tune.get_context().get_trial_resources().required_resources.get("CPU", 0.0)
+    return max(planned, int(held))
+
+
 def report_cubes(discs_path: str, cfg: Config, spec, threads: int,
                  extra=lambda metrics: {}) -> None:
     """train_cubes inside a Tune trial, on the training cubes of `discs_path` that the trial
-    reads itself: reports and checkpoints go to Tune (metrics plus `extra(metrics)`), and a
-    restored trial continues from Tune's checkpoint."""
+    reads itself: reports and checkpoints go to Tune (metrics, the torch threads, and
+    `extra(metrics)`), and a restored trial continues from Tune's checkpoint, on more threads
+    where the scheduler has since given it more CPUs."""
     from pipeline.shape.train import load_training_cubes, train_cubes
 
+    threads = trial_threads(threads)
     torch.set_num_threads(threads)
     cubes, patients = load_training_cubes(discs_path, cfg, with_patients=True)
 
     def report(metrics: dict, folder: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
-        tune.report({**metrics, **extra(metrics)}, checkpoint=checkpoint)
+        tune.report({**metrics, "threads": threads, **extra(metrics)}, checkpoint=checkpoint)
 
     restored = tune.get_checkpoint()
     with restored.as_directory() if restored else contextlib.nullcontext() as folder:

@@ -14,6 +14,7 @@ code's pitfalls:
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -80,7 +81,7 @@ _JOIN_KEYS = ["patient_id", "series_id", "ivd_label", "mask_source"]
 @dataclass
 class ClassificationResult:
     table: pd.DataFrame  # TABLE_COLUMNS: a row per target x source x feature set x model
-    predictions: pd.DataFrame  # PREDICTION_COLUMNS: out-of-fold, averaged over repeats
+    predictions_path: str  # PREDICTION_COLUMNS, a file per cell: out-of-fold, repeats averaged
     comparisons: pd.DataFrame  # COMPARISON_COLUMNS: paired AUC differences
     markdown: dict[str, str]  # mask_source -> Table 1 / Table 2 in markdown
     seconds: float
@@ -352,23 +353,30 @@ def run_classification(discs: pd.DataFrame, latents: pd.DataFrame | None,
         i, (feature_set, model, _) = jobs[k]
         evaluated[i][(feature_set, model)] = result
         count(done, len(jobs))
-    rows, predictions, comparisons = [], [], []
-    for analysis, results in zip(analyses, evaluated, strict=True):
-        r, p, k = analysis.summarise(results)
-        rows += r
-        predictions += p
-        comparisons += k
+    rows, comparisons = [], []
+    predictions_path = tables.path(out, PREDICTIONS)
+    # One file per cell, written as it is summarised: the per-disc predictions of every cell
+    # together are discs x cells rows, more than the driver should hold for a large cohort.
+    with storage.staged_dir(predictions_path) as folder:
+        files = itertools.count()
+
+        def write(frame: pd.DataFrame) -> None:
+            storage.write_table(frame, storage.join(folder, f"{next(files):04d}.parquet"))
+
+        for analysis, results in zip(analyses, evaluated, strict=True):
+            r, k = analysis.summarise(results, write)
+            rows += r
+            comparisons += k
+        if next(files) == 0:  # no cell ran: the table still has its columns
+            write(pd.DataFrame(columns=PREDICTION_COLUMNS))
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    prediction_frame = (pd.concat(predictions, ignore_index=True) if predictions
-                        else pd.DataFrame(columns=PREDICTION_COLUMNS))
     comparison_frame = pd.DataFrame(comparisons, columns=COMPARISON_COLUMNS)
     markdown = markdown_tables(table)
     storage.write_table(table, tables.path(out, tables.CLASSIFICATION))
-    storage.write_table(prediction_frame, tables.path(out, PREDICTIONS))
     storage.write_table(comparison_frame, tables.path(out, COMPARISON))
     for source, text in markdown.items():
         storage.write_bytes(tables.path(out, TABLE_FILES[source]), text.encode())
-    return ClassificationResult(table, prediction_frame, comparison_frame, markdown,
+    return ClassificationResult(table, predictions_path, comparison_frame, markdown,
                                 time.perf_counter() - started)
 
 
@@ -457,10 +465,12 @@ class _Analysis:
                         f"{metric}_ci_high": estimate.ci_high})
         return CellResult(row, score, vote)
 
-    def summarise(self, evaluated: dict[tuple[str, str], CellResult]):
-        """Table rows, per-disc out-of-fold predictions and paired comparisons."""
+    def summarise(self, evaluated: dict[tuple[str, str], CellResult],
+                  write_predictions: Callable[[pd.DataFrame], None]):
+        """Table rows and paired comparisons; each cell's per-disc out-of-fold predictions go
+        to `write_predictions`."""
         y, groups, r, base = self.y, self.groups, self.resamples, self.base
-        rows, predictions, scores = [], [], {}
+        rows, scores = [], {}
         for feature_set, model, columns in self.cells:
             if isinstance(columns, str):
                 rows.append(_skipped_row(base, feature_set, model, columns))
@@ -470,7 +480,7 @@ class _Analysis:
             if result.score is None:
                 continue
             scores[(feature_set, model)] = result.score
-            predictions.append(pd.DataFrame({
+            write_predictions(pd.DataFrame({
                 **{k: self.part[k].to_numpy()
                    for k in ["patient_id", "series_id", "ivd_label", "level"]},
                 "mask_source": base["mask_source"], "target": base["target"],
@@ -492,7 +502,7 @@ class _Analysis:
                     "difference": diff.value, "ci_low": diff.ci_low, "ci_high": diff.ci_high,
                     "n_patients": base["n_patients"], "n_boot": diff.n_resamples,
                 })
-        return rows, predictions, comparisons
+        return rows, comparisons
 
 
 def _plan(part: pd.DataFrame, target: str, source: str, latent_cols: list[str], note: str,

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -124,9 +125,60 @@ def write_table(table: pd.DataFrame | pa.Table, location: str) -> None:
     write_bytes(location, sink.getvalue().to_pybytes())
 
 
-def read_table(location: str, columns: list[str] | None = None) -> pd.DataFrame:
+def table_files(location: str) -> list[str]:
+    """The Parquet files of a table, sorted: the file itself, or every file under its folder
+    but those whose name starts with '.' or '_' (a writer's temporaries, skipped as Parquet
+    dataset readers skip them)."""
     fs, path = filesystem(location)
-    return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return [location]
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    relative = sorted(f.path[len(path):].strip("/") for f in found if f.type == pafs.FileType.File)
+    return [join(location, name) for name in relative
+            if not any(part.startswith((".", "_")) for part in name.split("/"))]
+
+
+def iter_tables(location: str, columns: list[str] | None = None, filters=None,
+                prefetch: int = 16) -> Iterator[pa.Table]:
+    """A table's files one at a time (`prefetch` at once from a bucket, where each read waits
+    on the network), optionally filtered (pyarrow `filters`). One file's footer at a time: a
+    Parquet dataset over the thousands of per-series files of a large cohort holds all their
+    footers while it scans, about 95 KB each (+315 MiB for 20,000 discs in 3,334 files, against
+    +32 MiB file by file; bench/scale.py)."""
+    files = table_files(location)
+    fs, _ = filesystem(location)
+
+    def read(file: str) -> pa.Table:
+        return pq.read_table(filesystem(file)[1], filesystem=fs, columns=columns,
+                             filters=filters, use_threads=False)
+
+    workers = max(1, prefetch) if is_uri(location) else 1
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(files), workers):
+            yield from pool.map(read, files[start:start + workers])
+
+
+def read_arrow(location: str, columns: list[str] | None = None, filters=None,
+               files_per_chunk: int = 256) -> pa.Table:
+    """A whole table (a file, or a folder of files read one by one: `iter_tables`), its files
+    merged into one chunk per `files_per_chunk`: thousands of few-row chunks fragment the heap
+    (+108 MiB of resident memory for an 11 MB table of 20,000 discs, +29 MiB merged)."""
+    chunks, pending = [], []
+    for part in iter_tables(location, columns, filters):
+        pending.append(part)
+        if len(pending) == files_per_chunk:
+            chunks.append(pa.concat_tables(pending, promote_options="permissive").combine_chunks())
+            pending = []
+    if pending:
+        chunks.append(pa.concat_tables(pending, promote_options="permissive").combine_chunks())
+    if not chunks:  # no data files: pyarrow's own answer (an error, or an empty table)
+        fs, path = filesystem(location)
+        return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+    return pa.concat_tables(chunks, promote_options="permissive")
+
+
+def read_table(location: str, columns: list[str] | None = None, filters=None) -> pd.DataFrame:
+    return read_arrow(location, columns, filters).to_pandas()
 
 
 @contextlib.contextmanager
@@ -146,6 +198,9 @@ def staged_dir(location: str) -> Iterator[str]:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_dir(tmp)
         raise
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+    found = fs.get_file_info(path).type
+    if found == pafs.FileType.File:  # the table was one file before (an earlier version's)
+        fs.delete_file(path)
+    elif found != pafs.FileType.NotFound:
         fs.delete_dir(path)
     fs.move(tmp, path)

@@ -68,6 +68,9 @@ class DiscAutoencoder(nn.Module):
                         nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
         decoder.append(nn.ConvTranspose3d(widths[-1], 1, 3, stride=2, padding=1, output_padding=1))
         self.decoder = nn.Sequential(*decoder)
+        # Channels-last weights: oneDNN's 3D (transposed) convolutions run a training step
+        # 1.3-1.5x faster in that layout on CPU (bench/flops.py); the function is unchanged.
+        self.to(memory_format=torch.channels_last_3d)
 
     @property
     def architecture(self) -> dict:
@@ -92,11 +95,13 @@ class DiscAutoencoder(nn.Module):
 
 def as_input(cubes: torch.Tensor | np.ndarray, device: torch.device | str | None = None
              ) -> torch.Tensor:
-    """(N, S, S, S) uint8/bool cubes -> (N, 1, S, S, S) float32 model input."""
+    """(N, S, S, S) uint8/bool cubes -> (N, 1, S, S, S) float32 model input (channels-last, as
+    the model's weights are)."""
     cubes = torch.as_tensor(cubes)
     if cubes.ndim != 4:
         raise ValueError(f"expected cubes shaped (N, S, S, S); got {tuple(cubes.shape)}")
-    return (cubes.to(device) > 0).to(torch.float32).unsqueeze(1)
+    x = (cubes.to(device) > 0).to(torch.float32).unsqueeze(1)
+    return x.contiguous(memory_format=torch.channels_last_3d)
 
 
 def disc_iou(output: torch.Tensor, target: torch.Tensor, threshold: float = 0.5,

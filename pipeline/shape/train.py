@@ -114,7 +114,7 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
                on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                gather: Callable[[object], list] = _gather_local, loss: str = "bce",
                lr_at: Callable[[int, int], float] | None = None, eval_every: int = 1,
-               groups: Sequence | np.ndarray | None = None) -> Fit:
+               groups: Sequence | np.ndarray | None = None, bf16: bool = False) -> Fit:
     """Train until the whole-set mean IoU reaches `iou_target`, `stop_rule` fires on the list
     of measured mean IoUs, or `max_epochs` epochs are done (counting those in `history`, so a
     resumed run continues where it stopped).
@@ -137,6 +137,8 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
         decisions, and all run the same number of steps per epoch.
     groups: the patient of each of this process's cubes: the mean IoU's CI then resamples
         patients (None: discs).
+    bf16: forward passes of training steps in bfloat16 autocast where `device` computes bf16
+        natively (`native_bf16`); the loss, weights, optimizer and eval passes stay float32.
     """
     if batch_size < 1 or max_epochs < 1 or eval_every < 1:
         raise ValueError(f"batch_size, max_epochs and eval_every must be at least 1; got "
@@ -154,6 +156,7 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
         [np.asarray(g, dtype=object) for g in gather(list(groups))])
     net = getattr(model, "module", model)  # eval on the unwrapped model: no DDP collectives
     fit = Fit(list(history))
+    autocast = step_autocast(device, bf16)
 
     def epochs_done() -> int:
         return fit.history[-1].epoch if fit.history else 0
@@ -184,7 +187,8 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
                 x = as_input(data.take(order[step * batch_size:(step + 1) * batch_size]),
                              device)
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(x)
+                with autocast():
+                    logits = model(x).float()
                 batch_loss = reconstruction_loss(logits, x, loss)
                 batch_loss.backward()
                 optimizer.step()
@@ -206,6 +210,28 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
         if on_epoch is not None:
             on_epoch(fit)
     return fit
+
+
+def step_autocast(device: torch.device | str, bf16: bool) -> Callable[[], torch.autocast]:
+    """The context a training step's forward pass runs in: bfloat16 autocast where asked and
+    `device` computes bf16 natively, else a disabled autocast (float32)."""
+    device_type = torch.device(device).type
+    return functools.partial(torch.autocast, device_type, dtype=torch.bfloat16,
+                             enabled=bf16 and native_bf16(device_type))
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether `device_type` computes bfloat16 natively (AVX-512 BF16 or AMX CPUs, Ampere and
+    later GPUs); elsewhere autocast would emulate it, slower than float32."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch build without oneDNN
+            return False
+    return False
 
 
 @torch.inference_mode()
@@ -238,6 +264,7 @@ class TrainSpec:
     loss: str = "bce"
     schedule: str = "constant"
     eval_every: int = 1
+    bf16: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, bottleneck: int, max_epochs: int | None = None,
@@ -245,7 +272,7 @@ class TrainSpec:
         ae = cfg.autoencoder
         return cls(tuple(ae.channels), int(bottleneck), ae.lr, ae.batch_size,
                    int(max_epochs or ae.max_epochs), ae.iou_target, ae.checkpoint_every,
-                   cfg.seed, plateau, ae.loss, ae.schedule, ae.eval_every)
+                   cfg.seed, plateau, ae.loss, ae.schedule, ae.eval_every, ae.bf16)
 
     def stop_rule(self) -> Callable[[list[float]], bool] | None:
         if self.plateau is None:
@@ -319,7 +346,7 @@ def train_cubes(cubes: PackedCubes | np.ndarray | torch.Tensor, spec: TrainSpec,
                       max_epochs=spec.max_epochs, iou_target=spec.iou_target, history=history,
                       seed=spec.seed, device=device, stop_rule=spec.stop_rule(),
                       on_epoch=checkpoint, gather=gather, loss=spec.loss, lr_at=spec.lr_at(),
-                      eval_every=spec.eval_every, groups=groups)
+                      eval_every=spec.eval_every, groups=groups, bf16=spec.bf16)
 
 
 def _training_filter(cfg: Config) -> list[tuple[str, str, object]]:
@@ -329,15 +356,12 @@ def _training_filter(cfg: Config) -> list[tuple[str, str, object]]:
             ("cube_fits", "=", True)]
 
 
-def _training_scan(discs_path: str, cfg: Config):
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
+def _training_tables(discs_path: str, cfg: Config, columns: list[str]):
+    """The training discs' `columns`, one discs file at a time."""
     import ray.data  # noqa: F401  registers the tensor type of the cube column
 
     tables.require_discs(discs_path)
-    fs, path = storage.filesystem(discs_path)
-    return (pads.dataset(path, filesystem=fs, format="parquet"),
-            pq.filters_to_expression(_training_filter(cfg)))
+    return storage.iter_tables(discs_path, columns, filters=_training_filter(cfg))
 
 
 def _no_training_discs(discs_path: str, cfg: Config) -> ValueError:
@@ -357,10 +381,8 @@ def _pack_batches(batches) -> tuple[PackedCubes, np.ndarray] | None:
 
 
 def count_training_discs(discs_path: str, cfg: Config) -> int:
-    """How many discs the autoencoder trains on (from the files' row groups where they can
-    tell); none is an error that names the table."""
-    dataset, keep = _training_scan(discs_path, cfg)
-    n = dataset.count_rows(filter=keep)
+    """How many discs the autoencoder trains on; none is an error that names the table."""
+    n = sum(t.num_rows for t in _training_tables(discs_path, cfg, ["patient_id"]))
     if n == 0:
         raise _no_training_discs(discs_path, cfg)
     return n
@@ -371,11 +393,10 @@ def load_training_cubes(discs_path: str, cfg: Config, with_patients: bool = Fals
     batch at a time and packed as read (a sweep trial's own copy, the benchmark's; Ray Train
     workers each read their part with Ray Data instead); with_patients: (cubes, the patient_id
     of each)."""
-    dataset, keep = _training_scan(discs_path, cfg)
     loaded = _pack_batches(
         (tables.stack_cubes(batch.column(tables.CUBE)), batch.column("patient_id").to_pylist())
-        for batch in dataset.to_batches(columns=[tables.CUBE, "patient_id"], filter=keep,
-                                        batch_size=LOAD_BATCH))
+        for table in _training_tables(discs_path, cfg, [tables.CUBE, "patient_id"])
+        for batch in table.to_batches(max_chunksize=LOAD_BATCH))
     if loaded is None:
         raise _no_training_discs(discs_path, cfg)
     return loaded if with_patients else loaded[0]
