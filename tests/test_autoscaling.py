@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.local_servers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 GCS_PORT = 6379
 GPU_NODE_TYPE = "gpu_node"
@@ -57,12 +59,6 @@ CLUSTER = {
 TINY = ["segmentation.unet_channels=4,8,16", "resources.cpus_per_gpu_worker=1",
         "resources.gpu_wait_s=120", "autoencoder.channels=4,8,16,32",
         "autoencoder.train_splits=train,val"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 MARKER = "SPINE_DISCS_FAKE_CLUSTER"

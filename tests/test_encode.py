@@ -76,3 +76,19 @@ def test_latents_have_one_row_per_disc(tmp_path, checkpoint, ray_session):
                                pair.loc[(201, "predicted"), "z0"])
     with pytest.raises(ValueError, match="does not exist"):
         encode_discs(str(tmp_path / "missing"), checkpoint, out, progress=lambda _: None)
+
+
+def test_discs_are_read_in_tasks_sized_by_their_memory(tmp_path, ray_session):
+    """Read tasks hold whole files, as many as fit the in-memory budget (Ray's own Parquet
+    reader sizes them by the cubes' far smaller encoded size), and filters apply in them."""
+    discs_path = write_discs(tmp_path / "discs.parquet", n_series=6, size=16, discs_per_series=4)
+    columns = ["series_id", "mask_source", tables.CUBE]
+    per_file = storage.read_arrow(storage.table_files(discs_path)[0], columns).nbytes
+    dataset = tables.discs_dataset(discs_path, columns, block_bytes=2 * per_file)
+    read = dataset.materialize()
+    assert read.num_blocks() == 3 and read.count() == 6 * 4 * 2
+    reference = tables.discs_dataset(discs_path, columns, [("mask_source", "=", "reference")])
+    rows = reference.to_pandas()
+    assert len(rows) == 6 * 4 and set(rows["mask_source"]) == {"reference"}
+    assert tables.stack_cubes(rows[tables.CUBE]).shape == (24, 16, 16, 16)
+    assert tables.count_rows(discs_path, [("mask_source", "=", "predicted")]) == 24

@@ -8,10 +8,8 @@ skips every stage."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ from jobs import run_pipeline
 from pipeline import faults
 from pipeline.data import storage, tables
 from pipeline.data.synthetic import synthesize
+from tests.local_servers import free_port, local_s3
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
@@ -62,12 +61,6 @@ REPORT_SECTIONS = ["Cohort", "Segmentation", "Geometry", "Bottleneck sweep", "Ta
                    "Table 2", "Findings", "Figures"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """Head and worker node on this machine, each with its own temp dir and agent port as on
@@ -102,33 +95,12 @@ def submit(client: JobSubmissionClient, **job) -> str:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A local S3 server in this process, with a bucket holding a tiny synthetic cohort. Its
-    AWS_* variables point pyarrow (storage, Ray Train, Tune, Ray Data) here and in the job."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        bucket_fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"],
-                                      allow_bucket_creation=True)
-        bucket_fs.create_dir(BUCKET)
+    """A local S3 server in this process, with a bucket holding a tiny synthetic cohort."""
+    with local_s3(BUCKET) as (env, bucket_fs):
         local = tmp_path_factory.mktemp("cohort")
         synthesize(str(local), patients=6, seed=0, sequences=("t1",))
         pafs.copy_files(str(local), f"{BUCKET}/data", destination_filesystem=bucket_fs)
         yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 FAULT_MARKER = f"s3://{BUCKET}/faults/marker"  # in the bucket: the nodes share no disk

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 
 from pipeline import faults
 from pipeline.data import cohort, storage, tables
+from tests.local_servers import local_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = tables.DISC_KEYS + tables.GEOMETRY + tables.BULGE + ["match_dice", "disc_status"]
@@ -80,6 +82,28 @@ def test_a_failed_staged_write_leaves_the_old_table(tmp_path):
         raise RuntimeError("worker died mid-write")
     assert pd.read_parquet(location)["z0"].tolist() == [1.0]
     assert [p.name for p in tmp_path.iterdir()] == ["latents.parquet"]
+
+
+def test_a_staged_table_replaces_the_old_one_in_a_bucket():
+    """On S3 a folder cannot be renamed: the staged files move one by one, over an old folder
+    table or an old single-file table, and a failed write leaves the old table."""
+    with local_s3("bucket"):
+        location = "s3://bucket/run/tables/predictions.parquet"
+        storage.write_table(pd.DataFrame({"z0": [0.0]}), location)  # an earlier version's file
+        for value in (1.0, 2.0):
+            with storage.staged_dir(location) as staged:
+                for part in ("a", "b"):
+                    storage.write_table(pd.DataFrame({"z0": [value]}),
+                                        storage.join(staged, f"{part}.parquet"))
+        with pytest.raises(RuntimeError), storage.staged_dir(location) as staged:
+            storage.write_table(pd.DataFrame({"z0": [3.0]}), storage.join(staged, "a.parquet"))
+            raise RuntimeError("worker died mid-write")
+        assert storage.read_table(location)["z0"].tolist() == [2.0, 2.0]
+        assert storage.table_files(location) == [storage.join(location, "a.parquet"),
+                                                 storage.join(location, "b.parquet")]
+        fs, tables_dir = storage.filesystem("s3://bucket/run/tables")
+        assert [f.base_name for f in fs.get_file_info(pafs.FileSelector(tables_dir))] == [
+            "predictions.parquet"]
 
 
 def test_a_fault_point_fires_once_and_only_after_its_condition_holds(fault_marker):

@@ -203,4 +203,18 @@ def staged_dir(location: str) -> Iterator[str]:
         fs.delete_file(path)
     elif found != pafs.FileType.NotFound:
         fs.delete_dir(path)
-    fs.move(tmp, path)
+    if is_uri(location):
+        _move_files(fs, tmp, path)
+    else:
+        fs.move(tmp, path)
+
+
+def _move_files(fs: pafs.FileSystem, source: str, target: str) -> None:
+    """Move a folder on an object store, file by file: S3 and GCS have no folders to rename
+    (pyarrow's move of one is a copy of a key that does not exist). Not atomic there; a stage
+    that dies midway is not marked done, so its rerun rewrites the whole table."""
+    files = [f.path for f in fs.get_file_info(pafs.FileSelector(source, recursive=True))
+             if f.type == pafs.FileType.File]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda f: fs.move(f, target + f[len(source):]), files))
+    fs.delete_dir(source)

@@ -62,9 +62,8 @@ def encode_discs(discs_path: str, checkpoint_path: str, out: str,
     import ray
     import ray.data
 
-    tables.require_discs(discs_path)
-    discs = ray.data.read_parquet(discs_path).select_columns(tables.DISC_KEYS + [tables.CUBE])
-    n_discs = discs.count()
+    discs = tables.discs_dataset(discs_path, tables.DISC_KEYS + [tables.CUBE])
+    n_discs = tables.count_rows(discs_path)
     if n_discs == 0:
         raise ValueError(f"{discs_path} holds no discs to encode")
     layout = resources.encoder_pool(res or ResourcesConfig(), -(-n_discs // ENCODE_BATCH))
