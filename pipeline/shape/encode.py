@@ -5,7 +5,8 @@ autoencoder in eval mode, so the classifier compares both mask sources on one la
 code is also decoded: its per-disc reconstruction IoU says how faithfully k numbers hold that
 disc's shape, and whether predicted-mask discs (never seen in training) are held as well as
 reference ones.
-The table is small (k floats per disc), so it is gathered and written as one Parquet file.
+The table is written a file per block as the encoder's blocks arrive (for 10,000 spines its
+codes would be the largest frame the driver holds).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Encoder:
 def encode_discs(discs_path: str, checkpoint_path: str, out: str,
                  progress: Callable[[str], None] = print,
                  res: ResourcesConfig | None = None) -> str:
-    """Encode every disc of discs.parquet; write tables.path(out, LATENTS) (one row per
+    """Encode every disc of discs.parquet; write tables.path(out, LATENTS), a folder (one row per
     discs.parquet row) and return its location. `res` decides GPU use (default: "auto")."""
     import ray
     import ray.data
@@ -75,15 +76,17 @@ def encode_discs(discs_path: str, checkpoint_path: str, out: str,
         batch_size=ENCODE_BATCH, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=layout.count),
         num_gpus=1 if layout.gpu else 0, num_cpus=layout.cpus,
-    ).to_pandas()
-    if len(latents) != n_discs:
-        raise RuntimeError(f"encoded {len(latents)} discs but {discs_path} has {n_discs}")
-    latents = _typed(latents).sort_values(["series_id", "mask_source", "ivd_label"],
-                                          ignore_index=True)
+    )
     location = tables.path(out, tables.LATENTS)
-    storage.write_table(latents, location)
-    progress(f"wrote {len(latents)} latent codes (k={latents['bottleneck'].iloc[0]}) "
-             f"to {location}")
+    written, bottleneck = 0, None
+    # A file per block as the blocks arrive: the driver never holds every disc's code.
+    with storage.staged_dir(location) as folder:
+        for i, block in enumerate(latents.iter_batches(batch_format="pandas", batch_size=None)):
+            storage.write_table(_typed(block), storage.join(folder, f"{i:05d}.parquet"))
+            written, bottleneck = written + len(block), int(block["bottleneck"].iloc[0])
+        if written != n_discs:
+            raise RuntimeError(f"encoded {written} discs but {discs_path} has {n_discs}")
+    progress(f"wrote {written} latent codes (k={bottleneck}) to {location}")
     return location
 
 
