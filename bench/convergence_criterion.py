@@ -14,7 +14,7 @@ The training recipe is the preset's (`--recipe config`: its loss, one-cycle sche
 and eval cadence) or the one this project used before (`--recipe paper`: BCE, constant lr 2e-3,
 batch 4, a whole-set pass every epoch), to measure the time to 0.995 before and after.
 
-    python bench/convergence_criterion.py [--patients 25] [--max-epochs 600] [--recipe paper]
+    python bench/convergence_criterion.py [--patients 25] [--max-epochs N] [--recipe paper]
 
 Writes bench/results/convergence_criterion.json.
 """
@@ -88,7 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=25,
                         help="synthetic patients whose discs (six each) train the autoencoder")
-    parser.add_argument("--max-epochs", type=int, default=600)
+    parser.add_argument("--max-epochs", type=int,
+                        help="epochs, and the one-cycle schedule's length (default: the preset's)")
     parser.add_argument("--recipe", default="config", choices=["config", "paper"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--preset", default="demo", choices=sorted(config.PRESETS))
@@ -103,6 +104,7 @@ def main() -> None:
     if args.recipe == "paper":
         ae.loss, ae.schedule, ae.lr, ae.batch_size, ae.eval_every = "bce", "constant", 2e-3, 4, 1
         ae.bf16 = False
+    args.max_epochs = args.max_epochs or ae.max_epochs
     spec = TrainSpec.from_config(cfg, ae.bottleneck, max_epochs=args.max_epochs)
     torch.set_num_threads(args.threads)
     load_before = common.load_average()
