@@ -140,19 +140,27 @@ def table_files(location: str) -> list[str]:
 
 def iter_tables(location: str, columns: list[str] | None = None, filters=None,
                 prefetch: int = 16) -> Iterator[pa.Table]:
-    """A table's files one at a time (`prefetch` at once from a bucket, where each read waits
-    on the network), optionally filtered (pyarrow `filters`). One file's footer at a time: a
-    Parquet dataset over the thousands of per-series files of a large cohort holds all their
-    footers while it scans, about 95 KB each (+315 MiB for 20,000 discs in 3,334 files, against
-    +32 MiB file by file; bench/scale.py)."""
-    files = table_files(location)
-    fs, _ = filesystem(location)
+    """A table's files one at a time (`iter_files`). One file's footer at a time: a Parquet
+    dataset over the thousands of per-series files of a large cohort holds all their footers
+    while it scans, about 95 KB each (+315 MiB for 20,000 discs in 3,334 files, against +32 MiB
+    file by file; bench/scale.py)."""
+    return iter_files(table_files(location), columns, filters, prefetch)
+
+
+def iter_files(files: list[str], columns: list[str] | None = None, filters=None,
+               prefetch: int = 16) -> Iterator[pa.Table]:
+    """Parquet files (paths or URIs on one filesystem) read one at a time, `prefetch` at once
+    from a bucket, where each read waits on the network; optionally filtered (pyarrow
+    `filters`)."""
+    if not files:
+        return
+    fs, _ = filesystem(files[0])
 
     def read(file: str) -> pa.Table:
         return pq.read_table(filesystem(file)[1], filesystem=fs, columns=columns,
                              filters=filters, use_threads=False)
 
-    workers = max(1, prefetch) if is_uri(location) else 1
+    workers = max(1, prefetch) if is_uri(files[0]) else 1
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(files), workers):
             yield from pool.map(read, files[start:start + workers])

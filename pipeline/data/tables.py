@@ -105,8 +105,8 @@ def _read_files(batch, columns: list[str], filters):
     import pyarrow as pa
 
     files = batch.column("files")[0].as_py()
-    return pa.concat_tables([part for file in files
-                             for part in storage.iter_tables(file, columns, filters)])
+    return pa.concat_tables(list(storage.iter_files(files, columns, filters)),
+                            promote_options="permissive")
 
 
 def count_rows(location: str, filters=None) -> int:

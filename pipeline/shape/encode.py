@@ -5,8 +5,8 @@ autoencoder in eval mode, so the classifier compares both mask sources on one la
 code is also decoded: its per-disc reconstruction IoU says how faithfully k numbers hold that
 disc's shape, and whether predicted-mask discs (never seen in training) are held as well as
 reference ones.
-The table is written a file per block as the encoder's blocks arrive (for 10,000 spines its
-codes would be the largest frame the driver holds).
+The table is written a file per block as the encoder's blocks arrive, so the driver never holds
+every disc's code.
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ def encode_discs(discs_path: str, checkpoint_path: str, out: str,
     )
     location = tables.path(out, tables.LATENTS)
     written, bottleneck = 0, None
-    # A file per block as the blocks arrive: the driver never holds every disc's code.
     with storage.staged_dir(location) as folder:
-        for i, block in enumerate(latents.iter_batches(batch_format="pandas", batch_size=None)):
+        blocks = latents.iter_batches(batch_format="pandas", batch_size=None)
+        for i, block in enumerate(b for b in blocks if len(b)):
             storage.write_table(_typed(block), storage.join(folder, f"{i:05d}.parquet"))
             written, bottleneck = written + len(block), int(block["bottleneck"].iloc[0])
         if written != n_discs:
