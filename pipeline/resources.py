@@ -113,18 +113,19 @@ def _gpu_worker_cpus(res: ResourcesConfig) -> float:
     return float(min(res.cpus_per_gpu_worker, *gpu_node_cpus))
 
 
-def training(res: ResourcesConfig, num_workers: int) -> Layout:
+def training(res: ResourcesConfig, num_workers: int, trainers: int = 1) -> Layout:
     """Ray Train workers: one per GPU (or `num_workers` of them) when GPUs are used; otherwise
-    `num_workers` (0: one per node), sharing the CPUs of the smallest node, at most a whole
-    node each."""
+    `num_workers` (0: one per node) sharing the CPUs of the smallest node, at most a whole node
+    each. `trainers`: trainers running at once (cross-fitted folds) that split the CPUs, so
+    2 folds on one 2-CPU node get a 1-CPU worker each."""
     if use_gpus(res):
         cpus = _gpu_worker_cpus(res)
         return Layout(num_workers or _gpus(), True, cpus, max(1, int(cpus)))
     node_cpus = [n.get("CPU", 0) for n in _nodes() if n.get("CPU", 0) >= 1]
     if not node_cpus:
         raise ValueError("the Ray cluster has no CPUs to train on")
-    workers = num_workers or len(node_cpus)
-    per_worker = max(1.0, math.floor(min(node_cpus) * len(node_cpus) / workers))
+    workers = num_workers or max(1, len(node_cpus) // trainers)
+    per_worker = max(1.0, math.floor(min(node_cpus) * len(node_cpus) / (workers * trainers)))
     cpus = float(min(per_worker, max(node_cpus)))
     return Layout(workers, False, cpus, max(1, int(cpus)))
 
