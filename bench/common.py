@@ -73,10 +73,8 @@ def init_ray(address: str | None = None) -> None:
     """A local Ray (every CPU of this machine) or the cluster at `address`, quietly."""
     import ray
 
-    from pipeline import resources
-
     ray.init(address=address, log_to_driver=False, include_dashboard=False,
-             configure_logging=False, runtime_env=resources.runtime_env())
+             configure_logging=False)
 
 
 def _status_mib(field: str, process: Path = Path("/proc/self")) -> float:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import resources  # noqa: E402
 from pipeline.config import SyntheticConfig  # noqa: E402
 from pipeline.data.synthetic import synthesize  # noqa: E402
 from pipeline.progress import counter  # noqa: E402
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.address:
         import ray
 
-        ray.init(address=args.address, log_to_driver=False, runtime_env=resources.runtime_env())
+        ray.init(address=args.address, log_to_driver=False)
     try:
         truth = synthesize(args.out, patients=args.patients, seed=args.seed,
                            label_noise=args.label_noise,

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 
-from pipeline import resources
-
 
 def connect_ray(address: str | None) -> None:
     """Join the cluster at `address`, else start an embedded Ray (never a stale local cluster
-    found by accident); once per process, with the job's runtime_env (resources.WORKER_ENV)."""
+    found by accident); once per process."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -19,12 +17,11 @@ def connect_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=resources.runtime_env())
+        ray.init(address=address, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", log_to_driver=False, configure_logging=False,
-                 runtime_env=resources.runtime_env())
+        ray.init(address="local", log_to_driver=False, configure_logging=False)
     quiet_ray_data_console()
     total = ray.cluster_resources()
     print(f"ray: {'joined ' + address if address else 'embedded local Ray'}; "

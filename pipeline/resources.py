@@ -18,26 +18,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 from pipeline.config import ResourcesConfig
 
 logger = logging.getLogger(__name__)
-
-
-# OpenMP's default wait policy spins idle torch threads: a 2-thread training step shares two
-# cores with Ray's own processes (Ray Data, the raylet, the driver), and on a loaded machine a
-# spinning step of the demo UNet took 2.16 s instead of 0.19 s (bench/omp_wait_policy.py; 1.31x
-# beside one half-busy process). Passive waiting costs nothing measurable on an idle machine.
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def runtime_env() -> dict:
-    """The job's runtime_env for `ray.init`: WORKER_ENV in every Ray worker, read before torch
-    loads OpenMP. A variable already set here (a Ray Job's own env_vars, a user's export) wins:
-    Ray refuses a job whose submitted and in-script env_vars name the same variable."""
-    return {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in os.environ}}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import faults, resources
+from pipeline import faults
 from tests.shared_job import SharedJob, job_settings, set_args
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -24,9 +24,6 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray Train's controller polls its workers every 2 s: a tiny run would wait that long to learn
 # that a checkpoint was reported or that training ended (every Ray started here inherits this)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-# as every Ray worker of a job has it (pipeline.resources.WORKER_ENV), for the torch that tests
-# run in this process; read when torch loads, so set before any test imports it
-os.environ.setdefault("OMP_WAIT_POLICY", resources.WORKER_ENV["OMP_WAIT_POLICY"])
 
 # Inside the repository (see its README): a test never reads outside the checkout.
 SPIDER_MASK = Path(__file__).resolve().parent / "data" / "spider" / "masks" / "1_t1.mha"
@@ -57,7 +54,7 @@ def ray_session(fault_marker):
     if not ray.is_initialized():
         # no dashboard: no test asks it anything, and idle it costs a few % of a core
         ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False,
-                 configure_logging=False, runtime_env=resources.runtime_env())
+                 configure_logging=False)
     yield ray
     ray.shutdown()
 
