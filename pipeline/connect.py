@@ -21,6 +21,10 @@ def connect_ray(address: str | None) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray Train's controllers poll their workers every 2 s by default, and a fold's trainer
+        # learns that late of each epoch's checkpoint and of its end: 0.5 s took the demo's
+        # cross-fitted segmentation training from 165 s to 155 s (a cluster keeps its own)
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         ray.init(address="local", log_to_driver=False, configure_logging=False)
     quiet_ray_data_console()
     total = ray.cluster_resources()
