@@ -9,8 +9,9 @@ Ray Train's start-up, which a real run pays once; the per-epoch ratio (median ep
 rounds) and the ratio projected over --real-run-epochs epochs show what is left once it is
 amortised (target: <= 1.2x).
 
-An epoch is the training steps plus the whole-training-set IoU pass that decides convergence;
-discs/s counts the discs trained per epoch over its seconds. The convergence target is set out of
+An epoch is the training steps plus its share of the whole-training-set IoU pass that decides
+convergence (run every `eval_every` epochs); discs/s counts the discs trained per epoch over its
+seconds. The convergence target is set out of
 reach so every run trains exactly --epochs epochs.
 
     python bench/training.py [--patients 25] [--epochs 30] [--rounds 3] [--seg-patients 8]
@@ -58,7 +59,7 @@ def write_discs(cubes, folder: str) -> str:
     frame = pd.DataFrame({"patient_id": [str(i // 6) for i in range(n)],
                           "series_id": [f"{i // 6}_t1" for i in range(n)],
                           "ivd_label": [201 + i % 6 for i in range(n)], "level": "",
-                          "mask_source": "reference", "split": "train"})
+                          "mask_source": "reference", "split": "train", "cube_fits": True})
     table = pa.Table.from_pandas(frame, preserve_index=False)
     path = storage.join(folder, "discs.parquet")
     storage.write_table(table.append_column(tables.CUBE, tables.cube_array(cubes)),
@@ -87,16 +88,20 @@ def fit_overhead_s(workers: int, storage_path: str) -> float:
 
 def epoch_row(label: str, history: list[dict], wall_s: float, workers: int, threads: int
               ) -> dict:
-    """Throughput of one autoencoder run from its per-epoch history."""
-    seconds = [h["seconds"] for h in history]
+    """Throughput of one autoencoder run from its history: one entry per whole-set IoU pass,
+    every `eval_every` epochs, so each entry's seconds are spread over the epochs it covers."""
+    ends = [h["epoch"] for h in history]
+    spans = [end - start for start, end in zip([0, *ends], ends, strict=False)]
+    seconds = [h["seconds"] / span for h, span in zip(history, spans, strict=True)]
     steady = statistics.median(seconds)
     n_discs = history[-1]["n_discs"]
     return {"run": label, "workers": workers, "threads_per_worker": threads,
             "epoch_s": seconds,
-            "epochs": len(history), "discs": n_discs, "wall_s": wall_s,
-            "epoch_s_median": steady, "outside_epochs_s": wall_s - sum(seconds),
+            "epochs": ends[-1], "discs": n_discs, "wall_s": wall_s,
+            "epoch_s_median": steady,
+            "outside_epochs_s": wall_s - sum(h["seconds"] for h in history),
             "discs_per_s": n_discs / steady,
-            "discs_per_s_end_to_end": n_discs * len(history) / wall_s}
+            "discs_per_s_end_to_end": n_discs * ends[-1] / wall_s}
 
 
 def plain_run(cubes, cfg, bottleneck: int, epochs: int, threads: int, label: str) -> dict:
@@ -228,7 +233,7 @@ def main() -> None:
                                "channels": list(cfg.autoencoder.channels),
                                "bottleneck": bottleneck, "batch_size": cfg.autoencoder.batch_size},
               "preset": args.preset}
-    print("\nautoencoder training (epoch = training steps + the whole-set IoU pass)")
+    print("\nautoencoder training (epoch = training steps + its share of the whole-set IoU pass)")
     print(common.table(runs, [c for c in runs[0] if c != "epoch_s"]))
     print("\nTorchTrainer.fit() of an empty loop: "
           + ", ".join(f"{s:.1f} s with {w} worker(s)" for w, s in overhead.items()))
