@@ -397,7 +397,7 @@ def fold_concurrency(cfg: Config, n_folds: int) -> int:
     workers (pipeline.resources.training). On CPUs with the default workers the folds share
     the CPUs, one trainer per CPU at most: folds are independent, so running them side by side
     scales better than giving one fold more threads or workers, and each fold's start-up,
-    preprocessing and validation overlap another's training (2 folds on a 2-CPU laptop: 131 s
+    preprocessing and validation overlap another's training (2 folds on a 2-CPU laptop: 154 s
     instead of 197 s). With segmentation.num_workers set, as many as the CPUs hold. A fold's
     Ray Data preprocessing finishes before its trainer asks for its workers, so it runs on the
     CPUs those workers will take and needs none of its own."""
