@@ -27,6 +27,9 @@ demo: $(RUNTIME)
 test: $(DEV)
 	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=8
 
+# Benchmarks print tables and write bench/results/*.json (over an hour on 2 cores, most of it
+# scale.py; run them on a quiet machine). The streaming ones reuse the segmenter of a finished
+# `make demo`.
 bench: $(RUNTIME)
 	$(PY) bench/geometry_accuracy.py
 	$(PY) bench/flops.py

@@ -8,13 +8,13 @@ them. This times one training step of the demo's segmentation UNet (batch 2, 32x
 its autoencoder (batch 8, 32³ cubes, bf16 autocast where native), torch threads = CPUs, under
 three policies: ACTIVE (spin until there is work), PASSIVE (sleep at once), and libgomp's own
 default when neither is set (spin 300,000 times, a fraction of a millisecond, then sleep), on an
-idle machine and beside --busy processes that each
-keep a core half busy (a stand-in for Ray's own work), each in a fresh process because OpenMP
-reads the variables when torch loads.
+idle machine and beside --busy processes that each keep a core half busy (a stand-in for Ray's
+own work), each in a fresh process because OpenMP reads the variables when torch loads.
 
     python bench/omp_wait_policy.py [--steps 10] [--busy 1,3]
 
-Writes bench/results/omp_wait_policy.json; pipeline/resources.py's WORKER_ENV cites it.
+Writes bench/results/omp_wait_policy.json; the README's Performance section cites it (why Ray
+workers keep OpenMP's default).
 """
 
 from __future__ import annotations
