@@ -38,6 +38,7 @@ POLICIES = {"ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"}, "PASSIVE": {"OMP_WAIT_POLIC
 STEP = """
 import json, sys, time, torch
 from pipeline import config
+from pipeline.resources import step_autocast
 torch.manual_seed(0)
 torch.set_num_threads(int(sys.argv[2]))
 cfg = config.demo()
@@ -49,10 +50,10 @@ if sys.argv[3] == "segmentation":
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     x = torch.randn(seg.batch_size, 1, *seg.roi_size)
     y = (torch.rand(seg.batch_size, 1, *seg.roi_size) > 0.9).float()
-    autocast = torch.autocast("cpu", enabled=False)
+    autocast = step_autocast("cpu", seg.bf16)()
 else:
     from pipeline.shape.model import DiscAutoencoder, as_input
-    from pipeline.shape.train import reconstruction_loss, step_autocast
+    from pipeline.shape.train import reconstruction_loss
     ae, size = cfg.autoencoder, cfg.discs.cube_size
     model = DiscAutoencoder(size, ae.channels, ae.bottleneck)
     x = as_input(torch.rand(ae.batch_size, size, size, size) > 0.7)

@@ -214,6 +214,33 @@ def _gpu_backend(cluster: str) -> str:
     return "gloo"
 
 
+def step_autocast(device, bf16: bool):
+    """The context a training step's forward pass runs in (call it: `with step_autocast(d,
+    True)():`): bfloat16 autocast where asked and `device` computes bf16 natively, else a
+    disabled autocast (float32). Losses, weights, optimizers and evaluation stay float32."""
+    import torch
+
+    device_type = torch.device(device).type
+    return functools.partial(torch.autocast, device_type, dtype=torch.bfloat16,
+                             enabled=bf16 and native_bf16(device_type))
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether `device_type` computes bfloat16 natively (AVX-512 BF16 or AMX CPUs, Ampere and
+    later GPUs); elsewhere autocast would emulate it, slower than float32."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch build without oneDNN
+            return False
+    return False
+
+
 _said_no_cuda = False
 
 

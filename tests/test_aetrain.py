@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -12,14 +13,16 @@ import torch
 
 from pipeline import config, stats
 from pipeline.data import tables
+from pipeline.resources import native_bf16
 from pipeline.shape.model import DiscAutoencoder, disc_iou, load_model
 from pipeline.shape.packed import PackedCubes
 from pipeline.shape.train import (
+    EarlyStop,
+    TrainSpec,
     count_training_discs,
     evaluate_ious,
     fit_epochs,
     load_training_cubes,
-    native_bf16,
     one_cycle_lr,
     train_autoencoder,
     training_dataset,
@@ -84,6 +87,25 @@ def test_bf16_steps_train_where_native_and_convergence_is_judged_in_float32():
     assert ("step", torch.float32) in seen  # the loss is taken on float32 logits
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not native_bf16("meta")
+
+
+def test_out_of_reach_stops_only_in_the_tail_of_a_decaying_schedule():
+    """A trial gaining 0.0005 every 5 epochs from 0.90 never plateaus and never reaches 0.995
+    within 400 epochs: the out-of-reach rule stops it once the one-cycle rate has fallen to a
+    quarter of its peak (epoch 307 of 400), not before; a constant rate never decays, so there
+    only the plateau rule applies."""
+    stop = EarlyStop(plateau_epochs=100, plateau_min_delta=0.001, reach_window=40)
+    spec = TrainSpec((4, 8), 3, 1e-2, 8, 400, 0.995, 20, early_stop=stop, schedule="onecycle",
+                     eval_every=5)
+    ious = [0.90 + 0.0005 * i for i in range(80)]  # epochs 5, 10, ..., 400
+    rule = spec.stop_rule()
+    stopped_at = next(5 * n for n in range(1, 81) if rule(ious[:n]))
+    assert spec.decay_tail() == 307 and stopped_at == 310
+    constant = dataclasses.replace(spec, schedule="constant").stop_rule()
+    assert not any(constant(ious[:n]) for n in range(1, 81))
+    assert constant(ious[:40] + [ious[39]] * 21)  # flat for 100 epochs: the plateau rule
+    off = dataclasses.replace(spec, early_stop=dataclasses.replace(stop, reach_window=0))
+    assert not any(off.stop_rule()(ious[:n]) for n in range(1, 81))
 
 
 def test_fit_epochs_stops_at_convergence_on_a_stop_rule_and_resumes():

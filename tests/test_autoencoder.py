@@ -10,11 +10,13 @@ from pipeline import config
 from pipeline.shape.model import (
     PAPER_CHANNELS,
     DiscAutoencoder,
+    SubPixelConvTranspose3d,
     disc_iou,
     has_converged,
     iou_summary,
     load_model,
     model_id,
+    out_of_reach,
     plateaued,
     save_checkpoint,
 )
@@ -66,6 +68,39 @@ def test_demo_preset_shapes_and_sigmoid_output():
     assert probs.min() >= 0 and probs.max() <= 1
 
 
+@pytest.mark.parametrize("c_in, c_out", [(16, 1), (3, 2)])
+def test_sub_pixel_layer_is_the_transposed_convolution(c_in, c_out):
+    """Same output and same gradients as nn.ConvTranspose3d with the same weights, in float64
+    on an input of three different sides; and the same state_dict, so checkpoints load."""
+    torch.manual_seed(0)
+    fast = SubPixelConvTranspose3d(c_in, c_out).double()
+    plain = torch.nn.ConvTranspose3d(c_in, c_out, 3, stride=2, padding=1,
+                                     output_padding=1).double()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, c_in, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    out, expected = fast(x), plain(x)
+    assert out.shape == (2, c_out, 10, 12, 14)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, fast.weight, fast.bias), grad)
+    want = torch.autograd.grad(expected, (x, plain.weight, plain.bias), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_bf16_training_step_matches_float32_closely():
+    """The sub-pixel layer under bf16 autocast (the training steps) stays within bf16 rounding
+    of the float32 model, and its weight gradients come back float32."""
+    torch.manual_seed(0)
+    model = DiscAutoencoder(32, (8, 16, 32, 64), 4)
+    x = (torch.rand(2, 1, 32, 32, 32) > 0.6).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x).float()
+    low.mean().backward()
+    assert model.decoder[-1].weight.grad.dtype == torch.float32
+    torch.testing.assert_close(low, model(x), atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("cube_size, channels, bottleneck, message", [
     (48, PAPER_CHANNELS, 4, "multiple of 2\\*\\*5"),
     (16, PAPER_CHANNELS, 4, "multiple of 2\\*\\*5"),
@@ -115,6 +150,20 @@ def test_plateau_rule():
     oscillating = rising + [0.7, 0.8] * 5  # the paper's bottleneck 3: 0.6-0.8, never better
     assert plateaued(oscillating, patience=10, min_delta=0.001)
     assert not plateaued([0.5] * 10, patience=10, min_delta=0.001)  # too short to judge
+
+
+def test_out_of_reach_rule():
+    # a demo sweep's k=3 in the tail of its schedule, every 20 epochs from epoch 260 of 400
+    tail = [0.9670, 0.9747, 0.9798, 0.9830, 0.9854]
+    assert out_of_reach(tail, window=2, remaining=3, target=0.995)  # +0.0056 per 2: 0.9938
+    assert not out_of_reach(tail[:3], window=2, remaining=5, target=0.995)  # still on course
+    on_course = [0.980, 0.984, 0.988, 0.992]  # +0.004 a step: reaches 0.995 in one more
+    assert not out_of_reach(on_course, window=2, remaining=1, target=0.995)
+    assert out_of_reach(on_course, window=2, remaining=0, target=0.995)  # no epochs left
+    assert not out_of_reach(tail[:2], window=2, remaining=3, target=0.995)  # too short
+    dip = tail[:3] + [0.9700]  # a worse last epoch: the pace is the best's, not the last's
+    assert out_of_reach(dip, window=1, remaining=5, target=0.995)
+    assert not out_of_reach(dip, window=3, remaining=5, target=0.995)
 
 
 def test_checkpoint_round_trip(tmp_path):

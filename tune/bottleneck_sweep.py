@@ -7,7 +7,8 @@ Each trial is either the plain `fit_epochs` loop inside the Tune function traina
 (cfg.sweep.nested_train=False: laptops; about 5x faster on 2 cores, each trial reads the cubes
 from the discs table itself) or a TorchTrainer per trial (nested_train=True: clusters,
 multi-worker/GPU trials).
-Trials stop early on an IoU plateau (cfg.sweep.early_stop) from inside the training loop, so a
+Trials stop early (cfg.sweep.early_stop: an IoU plateau, or the target out of reach in the tail of
+the schedule) from inside the training loop, so a
 nested trial's Train run ends cleanly and never leaks its placement group (RAY_NOTES: ASHA).
 The CPUs a finished plain trial held go to the trials still running (`SpareCpus`): on a laptop
 the last trial would otherwise train on one thread beside idle cores.
@@ -38,6 +39,7 @@ from pipeline import connect, resources
 from pipeline.config import Config
 from pipeline.data import checkpoints, storage, tables
 from pipeline.shape.train import (
+    EarlyStop,
     TrainSpec,
     count_training_discs,
     train_autoencoder,
@@ -86,9 +88,8 @@ def experiment_name(discs_path: str, cfg: Config) -> str:
 
 
 def trial_spec(cfg: Config, bottleneck: int) -> TrainSpec:
-    plateau = (cfg.sweep.plateau_epochs, cfg.sweep.plateau_min_delta) if cfg.sweep.early_stop \
-        else None
-    return TrainSpec.from_config(cfg, bottleneck, cfg.sweep.max_epochs, plateau)
+    return TrainSpec.from_config(cfg, bottleneck, cfg.sweep.max_epochs,
+                                 EarlyStop.from_config(cfg.sweep))
 
 
 def _plain_trial(params: dict, discs_path: str, cfg: Config, threads: int) -> None:
@@ -106,7 +107,7 @@ def _nested_trial(params: dict, discs_path: str, cfg: Config, storage_path: str,
     result = train_autoencoder(
         discs_path, cfg, bottleneck, storage_path,
         name=f"{experiment}-{tune.get_context().get_trial_id()}", progress=None,
-        callbacks=[TuneReportCallback()], max_epochs=spec.max_epochs, plateau=spec.plateau,
+        callbacks=[TuneReportCallback()], max_epochs=spec.max_epochs, early_stop=spec.early_stop,
         cpus_per_worker=cpus_per_worker)
     tune.report({"bottleneck": bottleneck, "epochs": result.epochs,
                  "mean_iou": result.mean_iou, "iou_ci_low": result.iou_ci_low,
@@ -250,7 +251,8 @@ def _trial_rows(grid, max_epochs: int, storage_path: str) -> pd.DataFrame:
         if result.error is not None:
             note = f"trial failed: {str(result.error).strip().splitlines()[-1][:200]}"
         elif metrics.get("stopped_early"):
-            note = f"stopped early: IoU plateaued at epoch {metrics.get('epochs')}"
+            note = (f"stopped early at epoch {metrics.get('epochs')}: its IoU had plateaued, or "
+                    f"at its recent pace could not reach the target in its epoch budget")
         elif not metrics.get("converged", False):
             note = "reached max_epochs without converging"
         rows.append({

@@ -175,6 +175,7 @@ def train_epochs(config: dict, loop: Loop) -> dict:
     model = loop.prepare(segmodels.build_segmenter(seg), loop.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=seg.lr)
     loss_fn = DiceCELoss(sigmoid=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
+    autocast = resources.step_autocast(loop.device, seg.bf16)
     state = _resume_state(model, optimizer, loop.restored)
     transform = preprocess.training_transform(seg.roi_size, seg.crops_per_volume,
                                               seed=config["seed"] + 1000 * state["epoch"] + rank)
@@ -184,7 +185,9 @@ def train_epochs(config: dict, loop: Loop) -> dict:
         losses = []
         for images, targets in _crop_batches(loop.train, transform, seg.batch_size):
             optimizer.zero_grad()
-            loss = loss_fn(model(images.to(loop.device)), targets.to(loop.device))
+            with autocast():
+                logits = model(images.to(loop.device)).float()
+            loss = loss_fn(logits, targets.to(loop.device))
             loss.backward()
             optimizer.step()
             losses.append(loss.item())

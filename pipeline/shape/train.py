@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pipeline import resources
-from pipeline.config import Config
+from pipeline.config import Config, SweepConfig
 from pipeline.data import checkpoints, storage, tables
 from pipeline.progress import WorkerProgress, send
 from pipeline.shape.model import (
@@ -38,6 +38,7 @@ from pipeline.shape.model import (
     disc_iou,
     has_converged,
     iou_summary,
+    out_of_reach,
     plateaued,
     save_checkpoint,
 )
@@ -138,7 +139,7 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
     groups: the patient of each of this process's cubes: the mean IoU's CI then resamples
         patients (None: discs).
     bf16: forward passes of training steps in bfloat16 autocast where `device` computes bf16
-        natively (`native_bf16`); the loss, weights, optimizer and eval passes stay float32.
+        natively (`resources.native_bf16`); the loss, weights, optimizer and eval passes stay float32.
     """
     if batch_size < 1 or max_epochs < 1 or eval_every < 1:
         raise ValueError(f"batch_size, max_epochs and eval_every must be at least 1; got "
@@ -156,7 +157,7 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
         [np.asarray(g, dtype=object) for g in gather(list(groups))])
     net = getattr(model, "module", model)  # eval on the unwrapped model: no DDP collectives
     fit = Fit(list(history))
-    autocast = step_autocast(device, bf16)
+    autocast = resources.step_autocast(device, bf16)
 
     def epochs_done() -> int:
         return fit.history[-1].epoch if fit.history else 0
@@ -212,28 +213,6 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
     return fit
 
 
-def step_autocast(device: torch.device | str, bf16: bool) -> Callable[[], torch.autocast]:
-    """The context a training step's forward pass runs in: bfloat16 autocast where asked and
-    `device` computes bf16 natively, else a disabled autocast (float32)."""
-    device_type = torch.device(device).type
-    return functools.partial(torch.autocast, device_type, dtype=torch.bfloat16,
-                             enabled=bf16 and native_bf16(device_type))
-
-
-@functools.cache
-def native_bf16(device_type: str) -> bool:
-    """Whether `device_type` computes bfloat16 natively (AVX-512 BF16 or AMX CPUs, Ampere and
-    later GPUs); elsewhere autocast would emulate it, slower than float32."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch build without oneDNN
-            return False
-    return False
-
-
 @torch.inference_mode()
 def evaluate_ious(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
                   device: torch.device | str = "cpu") -> np.ndarray:
@@ -252,6 +231,21 @@ def evaluate_ious(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarr
 
 
 @dataclass(frozen=True)
+class EarlyStop:
+    """When a sweep trial that will not reach the IoU target stops (SweepConfig's fields)."""
+
+    plateau_epochs: int  # the best mean IoU has not risen by plateau_min_delta in this many
+    plateau_min_delta: float
+    reach_window: int = 0  # out of reach at the pace of this many epochs (0: rule off)
+
+    @classmethod
+    def from_config(cls, sweep: SweepConfig) -> EarlyStop | None:
+        if not sweep.early_stop:
+            return None
+        return cls(sweep.plateau_epochs, sweep.plateau_min_delta, sweep.reach_window)
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     """Everything one training process needs (picklable: it travels to Ray workers)."""
 
@@ -263,7 +257,7 @@ class TrainSpec:
     iou_target: float
     checkpoint_every: int
     seed: int = 0
-    plateau: tuple[int, float] | None = None  # early stop: (patience epochs, min IoU gain)
+    early_stop: EarlyStop | None = None
     loss: str = "bce"
     schedule: str = "constant"
     eval_every: int = 1
@@ -271,18 +265,43 @@ class TrainSpec:
 
     @classmethod
     def from_config(cls, cfg: Config, bottleneck: int, max_epochs: int | None = None,
-                    plateau: tuple[int, float] | None = None) -> TrainSpec:
+                    early_stop: EarlyStop | None = None) -> TrainSpec:
         ae = cfg.autoencoder
         return cls(tuple(ae.channels), int(bottleneck), ae.lr, ae.batch_size,
                    int(max_epochs or ae.max_epochs), ae.iou_target, ae.checkpoint_every,
-                   cfg.seed, plateau, ae.loss, ae.schedule, ae.eval_every, ae.bf16)
+                   cfg.seed, early_stop, ae.loss, ae.schedule, ae.eval_every, ae.bf16)
 
     def stop_rule(self) -> Callable[[list[float]], bool] | None:
-        if self.plateau is None:
+        """The early stop on the measured mean IoUs (one every eval_every epochs): a plateau,
+        or, once a one-cycle schedule's learning rate has fallen to a quarter of its peak, a
+        target out of reach at the recent pace."""
+        if self.early_stop is None:
             return None
-        patience, min_delta = self.plateau
-        measured = max(1, math.ceil(patience / self.eval_every))  # history entries, not epochs
-        return lambda ious: plateaued(ious, measured, min_delta)
+        stop, every = self.early_stop, self.eval_every
+
+        def entries(epochs: int) -> int:  # history entries, not epochs
+            return max(1, math.ceil(epochs / every))
+
+        tail = self.decay_tail()
+
+        def rule(ious: list[float]) -> bool:
+            if plateaued(ious, entries(stop.plateau_epochs), stop.plateau_min_delta):
+                return True
+            epoch = min(len(ious) * every, self.max_epochs)
+            return (bool(stop.reach_window) and tail is not None and epoch >= tail
+                    and out_of_reach(ious, entries(stop.reach_window),
+                                     math.ceil((self.max_epochs - epoch) / every),
+                                     self.iou_target))
+
+        return rule
+
+    def decay_tail(self) -> int | None:
+        """The first epoch past a one-cycle schedule's peak whose learning rate is at most a
+        quarter of the peak (None for a constant rate, which never decays)."""
+        if self.schedule != "onecycle":
+            return None
+        return next(e for e in range(self.max_epochs + 1)
+                    if e > 0.3 * self.max_epochs and one_cycle_lr(e, self.max_epochs, 1.0) <= 0.25)
 
     def lr_at(self) -> Callable[[int, int], float] | None:
         """The learning rate per step: constant `lr`, or one cycle peaking at `lr`."""
@@ -485,13 +504,13 @@ def _train_loop_per_worker(config: dict) -> dict:
 def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_path: str,
                       name: str, progress: Callable[[str], None] | None = print,
                       callbacks=None, *,
-                      max_epochs: int | None = None, plateau: tuple[int, float] | None = None,
+                      max_epochs: int | None = None, early_stop: EarlyStop | None = None,
                       cpus_per_worker: float | None = None) -> AutoencoderResult:
     """Train the autoencoder on Ray Train (TorchTrainer, cfg.autoencoder.num_workers workers,
     a GPU each when the cluster has GPUs) on the reference-mask cubes of training patients.
 
     A run with the same storage_path and name resumes from its last checkpoint (a finished
-    run returns at once). max_epochs and plateau (early stop) override the config for sweeps;
+    run returns at once). max_epochs and early_stop override the config for sweeps;
     cpus_per_worker defaults to resources.training's share. progress=None prints nothing (a
     sweep's trials report through Tune instead).
     """
@@ -499,7 +518,7 @@ def train_autoencoder(discs_path: str, cfg: Config, bottleneck: int, storage_pat
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    spec = TrainSpec.from_config(cfg, bottleneck, max_epochs, plateau)
+    spec = TrainSpec.from_config(cfg, bottleneck, max_epochs, early_stop)
     storage_path = storage.absolute(storage_path)
     say = progress or (lambda _: None)
     workers = cfg.autoencoder.num_workers
