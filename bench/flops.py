@@ -106,7 +106,7 @@ class AutoencoderStep:
 
     def counted_flops(self) -> dict:
         """FLOPs of the forward pass and of the whole step as the paper's layers compute them:
-        counted on a meta-device copy, where SubPixelConvTranspose3d runs as nn's transposed
+        counted on a meta-device copy, where UpConv3d runs as nn's transposed
         convolution (on CPU it does 2.4x that layer's multiply-adds, in a third of the time;
         counting those would flatter the FLOP rate)."""
         model, x = copy.deepcopy(self.model).to("meta"), self.x.to("meta")

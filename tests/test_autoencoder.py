@@ -10,7 +10,7 @@ from pipeline import config
 from pipeline.shape.model import (
     PAPER_CHANNELS,
     DiscAutoencoder,
-    SubPixelConvTranspose3d,
+    UpConv3d,
     disc_iou,
     has_converged,
     iou_summary,
@@ -69,11 +69,11 @@ def test_demo_preset_shapes_and_sigmoid_output():
 
 
 @pytest.mark.parametrize("c_in, c_out", [(16, 1), (3, 2)])
-def test_sub_pixel_layer_is_the_transposed_convolution(c_in, c_out):
+def test_up_convolution_is_the_transposed_convolution(c_in, c_out):
     """Same output and same gradients as nn.ConvTranspose3d with the same weights, in float64
     on an input of three different sides; and the same state_dict, so checkpoints load."""
     torch.manual_seed(0)
-    fast = SubPixelConvTranspose3d(c_in, c_out).double()
+    fast = UpConv3d(c_in, c_out).double()
     plain = torch.nn.ConvTranspose3d(c_in, c_out, 3, stride=2, padding=1,
                                      output_padding=1).double()
     plain.load_state_dict(fast.state_dict())
@@ -89,7 +89,7 @@ def test_sub_pixel_layer_is_the_transposed_convolution(c_in, c_out):
 
 
 def test_bf16_training_step_matches_float32_closely():
-    """The sub-pixel layer under bf16 autocast (the training steps) stays within bf16 rounding
+    """The decoder's up-convolutions under bf16 autocast (the training steps) stays within bf16 rounding
     of the float32 model, and its weight gradients come back float32."""
     torch.manual_seed(0)
     model = DiscAutoencoder(32, (8, 16, 32, 64), 4)

@@ -65,9 +65,8 @@ class DiscAutoencoder(nn.Module):
         decoder: list[nn.Module] = [nn.Linear(bottleneck, flat), nn.Unflatten(1, self.code_shape)]
         widths = channels[::-1]
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
-            decoder += [nn.ConvTranspose3d(c_in, c_out, 3, stride=2, padding=1, output_padding=1),
-                        nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
-        decoder.append(SubPixelConvTranspose3d(widths[-1], 1))
+            decoder += [UpConv3d(c_in, c_out), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+        decoder.append(UpConv3d(widths[-1], 1))
         self.decoder = nn.Sequential(*decoder)
         # Channels-last weights: oneDNN's 3D (transposed) convolutions run a training step
         # 1.3-1.5x faster in that layout on CPU (bench/flops.py); the function is unchanged.
@@ -111,36 +110,54 @@ def _sub_pixel_kernel(weight: torch.Tensor) -> torch.Tensor:
     return kernel.permute(1, 2, 3, 4, 0, 5, 6, 7).reshape(c_out * 8, c_in, 2, 2, 2)
 
 
-class _SubPixelForward(torch.autograd.Function):
-    """Forward: a stride-1 convolution to the 8 output phases, then their interleaving. Backward:
-    the transposed convolution's own (fast in oneDNN), so gradients are exactly nn's."""
+def _sub_pixel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The transposed convolution as one stride-1 convolution to its 8 output phases, then
+    their interleaving."""
+    (batch, _, *size), c_out = x.shape, weight.shape[1]
+    phases = functional.conv3d(functional.pad(x, (0, 1, 0, 1, 0, 1)), _sub_pixel_kernel(weight),
+                               bias.repeat_interleave(8))
+    return (phases.reshape(batch, c_out, 2, 2, 2, *size)
+            .permute(0, 1, 5, 2, 6, 3, 7, 4)
+            .reshape(batch, c_out, *(2 * s for s in size)))
+
+
+class _UpConv(torch.autograd.Function):
+    """The decoder's transposed convolution with the CPU paths of UpConv3d: gradients are
+    exactly nn's (oneDNN's own backward for input and weight; the bias's a plain sum)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                sub_pixel: bool) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # cast once, and keep the cast for backward
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x, weight)
-        (batch, _, *size), c_out = x.shape, weight.shape[1]
-        phases = functional.conv3d(functional.pad(x, (0, 1, 0, 1, 0, 1)),
-                                   _sub_pixel_kernel(weight), bias.repeat_interleave(8))
-        return (phases.reshape(batch, c_out, 2, 2, 2, *size)
-                .permute(0, 1, 5, 2, 6, 3, 7, 4)
-                .reshape(batch, c_out, *(2 * s for s in size)))
+        if sub_pixel:
+            return _sub_pixel(x, weight, bias)
+        return functional.conv_transpose3d(x, weight, bias, stride=2, padding=1, output_padding=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        return torch.ops.aten.convolution_backward(
-            grad, x.to(grad.dtype), weight.to(grad.dtype), [weight.shape[1]], [2] * 3, [1] * 3,
-            [1] * 3, True, [1] * 3, 1, list(ctx.needs_input_grad))
+        needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, x.to(grad.dtype), weight.to(grad.dtype), None, [2] * 3, [1] * 3, [1] * 3,
+            True, [1] * 3, 1, [needs_x, needs_weight, False])
+        grad_bias = grad.sum((0, 2, 3, 4), dtype=torch.promote_types(grad.dtype, torch.float32)) \
+            if needs_bias else None
+        return grad_x, grad_weight, grad_bias, None
 
 
-class SubPixelConvTranspose3d(nn.ConvTranspose3d):
+class UpConv3d(nn.ConvTranspose3d):
     """nn.ConvTranspose3d(kernel 3, stride 2, padding 1, output_padding 1): the same layer,
-    parameters and state_dict, whose forward pass on CPU runs as a sub-pixel convolution.
-
-    oneDNN's transposed convolution to a single output channel (the decoder's last layer, at
-    full resolution) ran at about 5 GFLOP/s, over half of the whole forward pass; one ordinary
-    convolution to the 8 output phases does 2.4x its multiply-adds in a third of the time. The
-    backward pass stays the transposed convolution's own. Elsewhere (GPUs) it is nn's.
+    parameters, state_dict and gradients, with two CPU paths that oneDNN makes slow (a batch-16
+    step of the demo autoencoder, 1 thread: ~65 ms, of which these saved ~10):
+    - a layer to a single output channel (the decoder's last, at full resolution) runs its
+      forward pass as a sub-pixel convolution: oneDNN's own ran at ~5 GFLOP/s, and one
+      convolution to the 8 output phases does 2.4x its multiply-adds in a third of the time;
+    - the bias gradient is a plain sum: oneDNN's, in bf16, took as long as the input and weight
+      gradients together.
+    Elsewhere (GPUs) it is nn's.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -149,7 +166,7 @@ class SubPixelConvTranspose3d(nn.ConvTranspose3d):
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         if x.device.type != "cpu" or output_size is not None:
             return super().forward(x, output_size)
-        return _SubPixelForward.apply(x, self.weight, self.bias)
+        return _UpConv.apply(x, self.weight, self.bias, self.out_channels == 1)
 
 
 def as_input(cubes: torch.Tensor | np.ndarray, device: torch.device | str | None = None
