@@ -11,8 +11,7 @@ amortised (target: <= 1.2x).
 
 An epoch is the training steps plus its share of the whole-training-set IoU pass that decides
 convergence (run every `eval_every` epochs); discs/s counts the discs trained per epoch over its
-seconds. The convergence target is set out of
-reach so every run trains exactly --epochs epochs.
+seconds. The convergence target is set out of reach so every run trains exactly --epochs epochs.
 
     python bench/training.py [--patients 25] [--epochs 30] [--rounds 3] [--seg-patients 8]
                              [--seg-epochs 3]

@@ -8,8 +8,8 @@ Each trial is either the plain `fit_epochs` loop inside the Tune function traina
 from the discs table itself) or a TorchTrainer per trial (nested_train=True: clusters,
 multi-worker/GPU trials).
 Trials stop early (cfg.sweep.early_stop: an IoU plateau, or the target out of reach in the tail of
-the schedule) from inside the training loop, so a
-nested trial's Train run ends cleanly and never leaks its placement group (RAY_NOTES: ASHA).
+the schedule) from inside the training loop, so a nested trial's Train run ends cleanly and never
+leaks its placement group (RAY_NOTES: ASHA).
 The CPUs a finished plain trial held go to the trials still running (`SpareCpus`): on a laptop
 the last trial would otherwise train on one thread beside idle cores.
 An interrupted sweep resumes: the same config and storage_path give the same experiment name,

@@ -47,6 +47,7 @@ from pipeline.shape.packed import PackedCubes, packed
 EVAL_BATCH = 32
 LOAD_BATCH = 256  # cubes unpacked at once while reading: 64 MiB of 64³ cubes
 LOSSES = ("bce", "bce+dice")
+ONE_CYCLE_WARMUP = 0.3  # the share of a one-cycle run that climbs to its peak learning rate
 SCHEDULES = ("constant", "onecycle")
 
 
@@ -78,7 +79,7 @@ def _gather_local(value):
     return [value]
 
 
-def one_cycle_lr(step: int, total_steps: int, max_lr: float, warmup: float = 0.3,
+def one_cycle_lr(step: int, total_steps: int, max_lr: float, warmup: float = ONE_CYCLE_WARMUP,
                  start_div: float = 25.0, final_div: float = 1e4) -> float:
     """The one-cycle learning rate at optimizer step `step` (0-based) of `total_steps`: cosine
     up from max_lr/start_div to max_lr over the first `warmup` of the run, then cosine down to
@@ -139,7 +140,8 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
     groups: the patient of each of this process's cubes: the mean IoU's CI then resamples
         patients (None: discs).
     bf16: forward passes of training steps in bfloat16 autocast where `device` computes bf16
-        natively (`resources.native_bf16`); the loss, weights, optimizer and eval passes stay float32.
+        natively (`resources.native_bf16`); the loss, weights, optimizer and eval passes stay
+        float32.
     """
     if batch_size < 1 or max_epochs < 1 or eval_every < 1:
         raise ValueError(f"batch_size, max_epochs and eval_every must be at least 1; got "
@@ -300,8 +302,9 @@ class TrainSpec:
         quarter of the peak (None for a constant rate, which never decays)."""
         if self.schedule != "onecycle":
             return None
-        return next(e for e in range(self.max_epochs + 1)
-                    if e > 0.3 * self.max_epochs and one_cycle_lr(e, self.max_epochs, 1.0) <= 0.25)
+        peak = round(ONE_CYCLE_WARMUP * self.max_epochs)
+        return next(e for e in range(peak, self.max_epochs + 1)
+                    if one_cycle_lr(e, self.max_epochs, 1.0) <= 0.25)
 
     def lr_at(self) -> Callable[[int, int], float] | None:
         """The learning rate per step: constant `lr`, or one cycle peaking at `lr`."""
