@@ -103,7 +103,7 @@ def main() -> None:
         ae.iou_target = args.iou_target
     if args.recipe == "paper":
         ae.loss, ae.schedule, ae.lr, ae.batch_size, ae.eval_every = "bce", "constant", 2e-3, 4, 1
-        ae.bf16 = False
+        ae.bf16, ae.adam_beta2 = False, 0.999
     args.max_epochs = args.max_epochs or ae.max_epochs
     spec = TrainSpec.from_config(cfg, ae.bottleneck, max_epochs=args.max_epochs)
     torch.set_num_threads(args.threads)
@@ -117,7 +117,7 @@ def main() -> None:
                     f"{args.max_epochs} epochs")
     torch.manual_seed(args.seed)
     model = DiscAutoencoder(cfg.discs.cube_size, ae.channels, ae.bottleneck)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    optimizer = spec.optimizer(model)
     paper = PaperCriterion(model, (cubes > 0).to(torch.uint8), ae.iou_target, every=25,
                            steps_per_epoch=math.ceil(len(cubes) / spec.batch_size))
     fit = fit_epochs(model, cubes, optimizer, batch_size=spec.batch_size,

@@ -47,7 +47,7 @@ from pipeline import config  # noqa: E402
 from pipeline.segmentation import models as segmodels, stream  # noqa: E402
 from pipeline.shape.model import DiscAutoencoder, as_input  # noqa: E402
 from pipeline.resources import native_bf16, step_autocast  # noqa: E402
-from pipeline.shape.train import reconstruction_loss  # noqa: E402
+from pipeline.shape.train import TrainSpec, reconstruction_loss  # noqa: E402
 from pipeline.data.cohort import catalog  # noqa: E402
 from pipeline.data.synthetic import synthesize  # noqa: E402
 
@@ -99,7 +99,8 @@ class AutoencoderStep:
         torch.manual_seed(0)
         self.model = DiscAutoencoder(cfg.discs.cube_size, cfg.autoencoder.channels,
                                      cfg.autoencoder.bottleneck)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.autoencoder.lr)
+        self.optimizer = TrainSpec.from_config(cfg, cfg.autoencoder.bottleneck).optimizer(
+            self.model)
         self.loss = cfg.autoencoder.loss
         self.autocast = step_autocast("cpu", bf16)
         self.x = as_input(cubes[np.arange(batch) % len(cubes)])

@@ -23,7 +23,6 @@ from pipeline.shape.train import (
     evaluate_ious,
     fit_epochs,
     load_training_cubes,
-    one_cycle_lr,
     train_autoencoder,
     training_dataset,
 )
@@ -223,14 +222,17 @@ def test_the_default_recipe_converges_on_a_handful_of_discs():
     """BCE + soft Dice with one cycle (the config's defaults) reaches the whole-set target on a
     few tiny discs in seconds, in bf16 steps where the CPU has them. (The paper's BCE at a constant lr, same model and budget, ends
     at 0.98 here: measured, not asserted, to keep the suite short.)"""
-    defaults = config.AutoencoderConfig()
-    assert (defaults.loss, defaults.schedule) == ("bce+dice", "onecycle")
+    defaults = TrainSpec.from_config(config.Config(), 8, max_epochs=200)
+    assert (defaults.loss, defaults.schedule, defaults.adam_beta2) == ("bce+dice", "onecycle",
+                                                                       0.95)
+    spec = dataclasses.replace(defaults, channels=(16, 32), lr=1e-2, batch_size=2)
     torch.manual_seed(0)
-    model = DiscAutoencoder(16, (16, 32), 8)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    fit = fit_epochs(model, _cubes(8), optimizer, batch_size=2, max_epochs=200,
-                     iou_target=0.995, loss=defaults.loss, eval_every=5, bf16=defaults.bf16,
-                     lr_at=lambda step, total: one_cycle_lr(step, total, 1e-2))
+    model = DiscAutoencoder(16, spec.channels, spec.bottleneck)
+    optimizer = spec.optimizer(model)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95) and optimizer.param_groups[0]["fused"]
+    fit = fit_epochs(model, _cubes(8), optimizer, batch_size=spec.batch_size,
+                     max_epochs=spec.max_epochs, iou_target=spec.iou_target, loss=spec.loss,
+                     eval_every=spec.eval_every, bf16=spec.bf16, lr_at=spec.lr_at())
     assert fit.converged and fit.last.mean_iou >= 0.995, fit.last
     assert fit.last.epoch < 200 and all(s.epoch % 5 == 0 for s in fit.history)
 
