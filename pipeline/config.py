@@ -205,11 +205,11 @@ def demo() -> Config:
         # lr 2e-2, batch 16, Adam beta2 0.95. On bench/convergence_criterion.py's 150 discs
         # k=4 reached 0.995 at epoch 275-280 in all five runs of this cycle; in the demo's
         # sweep (96 discs) k=8 and k=4 at 220 and 235, and k=3 stopped at 320 (0.9916), out of
-        # reach. A 300-epoch cycle
-        # converged at 265 in four runs, but three small changes (lr 3e-2, warmup 0.2, bf16
-        # bias gradients) each left it at 0.9946-0.9949: too near the edge for a default. The
-        # paper's BCE at a constant lr had not passed 0.92 by epoch 120. Batch 16 trains a disc
-        # 1.4x faster than batch 8 on one thread in about as many epochs; batch 32 needed more.
+        # reach. A 300-epoch cycle converged at 265 in four runs, but three small changes (lr
+        # 3e-2, warmup 0.2, bf16 bias gradients) each left it at 0.9946-0.9949: too near the
+        # edge for a default. The paper's BCE at a constant lr had not passed 0.92 by epoch
+        # 120. Batch 16 trains a disc 1.4x faster than batch 8 on one thread in about as many
+        # epochs; batch 32 needed more.
         autoencoder=AutoencoderConfig(
             channels=(16, 32, 64, 128), batch_size=16, max_epochs=350, lr=2e-2,
             checkpoint_every=20,
