@@ -103,7 +103,8 @@ def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -
 
     "focal+dice" weighs each voxel's BCE by (1 - p_t)^2 (focal loss): the voxels still on the
     wrong side of 0.5, the ones IoU counts, carry the gradient once most are right. k=4 reached
-    IoU 0.995 at epoch 235-250 where BCE + Dice needed 265-280 (bench/convergence_criterion.py).
+    IoU 0.995 at epochs 220-240 of a 300-epoch cycle, where BCE + Dice needed 275-280 of a
+    350-epoch one (bench/convergence_criterion.py's discs).
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown autoencoder loss {kind!r}; choose from {', '.join(LOSSES)}")
@@ -137,7 +138,7 @@ def fit_epochs(model: nn.Module, cubes: PackedCubes | torch.Tensor | np.ndarray,
 
     cubes: the binary cubes this process trains on: PackedCubes, or (N, S, S, S) to pack
         (held packed, unpacked a batch at a time onto `device`).
-    loss: "bce" or "bce+dice" (`reconstruction_loss`).
+    loss: "bce", "bce+dice" or "focal+dice" (`reconstruction_loss`).
     lr_at(step, total_steps) -> learning rate of each optimizer step over the max_epochs run
         (a function of the step, so a resumed run continues on the same schedule); None keeps
         the optimizer's own.
