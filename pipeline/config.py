@@ -85,9 +85,9 @@ class AutoencoderConfig:
     bf16: bool = True
     # Adam's second-moment decay. torch's 0.999 remembers squared gradients for ~1,000 steps
     # (~100 epochs of the demo's discs); as the one-cycle rate falls and gradients shrink, that
-    # stale memory damps the very steps that take the IoU from 0.99 to 0.995. With 0.95, k=4 on
-    # bench/convergence_criterion.py's 150 discs converged at epoch 265 of a 300-epoch cycle
-    # (three seeds); with 0.999 a 300-epoch cycle ended at 0.991 and 400 needed 325-335.
+    # stale memory damps the very steps that take the IoU from 0.99 to 0.995. With BCE + Dice
+    # and 0.95, k=4 on bench/convergence_criterion.py's 150 discs converged at epoch 265 of a
+    # 300-epoch cycle (three seeds); with 0.999 that cycle ended at 0.991 and 400 needed 325-335.
     adam_beta2: float = 0.95
 
 

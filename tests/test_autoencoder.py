@@ -89,8 +89,8 @@ def test_up_convolution_is_the_transposed_convolution(c_in, c_out):
 
 
 def test_bf16_training_step_matches_float32_closely():
-    """The decoder's up-convolutions under bf16 autocast (the training steps) stays within bf16 rounding
-    of the float32 model, and its weight gradients come back float32."""
+    """The decoder's up-convolutions under bf16 autocast (the training steps) stay within bf16
+    rounding of the float32 model, and their weight gradients come back float32."""
     torch.manual_seed(0)
     model = DiscAutoencoder(32, (8, 16, 32, 64), 4)
     x = (torch.rand(2, 1, 32, 32, 32) > 0.6).float()

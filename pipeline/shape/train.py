@@ -1,9 +1,9 @@
 """Training the disc autoencoder: one epoch loop, run plainly or on Ray Train.
 
-`fit_epochs` is the whole training procedure (BCE, or BCE or focal loss + soft Dice, on logits; Adam at a
-constant or one-cycle learning rate; and every `eval_every` epochs an eval-mode pass over ALL
-training discs whose mean IoU decides convergence). The Ray Train loop, the sweep's laptop path
-and the benchmark all call it, so they train the same way.
+`fit_epochs` is the whole training procedure (BCE alone, or BCE or a focal loss plus soft Dice,
+on logits; Adam at a constant or one-cycle learning rate; and every `eval_every` epochs an
+eval-mode pass over ALL training discs whose mean IoU decides convergence). The Ray Train loop,
+the sweep's laptop path and the benchmark all call it, so they train the same way.
 
 `train_autoencoder` runs it on Ray Train: reference-mask cubes of training patients are read with
 Ray Data into the object store and cut into one part per worker; each worker streams only its own
